@@ -1,0 +1,125 @@
+//! Clocks for the in-memory store: a monotonic system clock and a manual clock for tests.
+//!
+//! Time is integer microseconds since an arbitrary epoch. Stores never use wall-clock time,
+//! so NTP steps and daylight-saving changes cannot admit extra requests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A source of "now" for a store, in microseconds since an epoch of the clock's choosing.
+///
+/// Implement it to drive a [`MemoryStore`](crate::MemoryStore) from your own time source.
+pub trait Clock: Send + Sync + 'static {
+    /// The current time in microseconds. Should not go backwards; if it does, the GCRA stays
+    /// safe (it never admits extra requests), it only stops refilling until time catches up.
+    fn now_micros(&self) -> u64;
+}
+
+/// The system's monotonic clock, counted from the moment this clock was created.
+#[derive(Debug, Clone, Copy)]
+pub struct MonotonicClock {
+    start: Instant,
+}
+
+/// The epoch offset: a fresh clock already reads one hour, so that "time 0" (which stores use
+/// to mean "no state") is never a real instant.
+const EPOCH_OFFSET_MICROS: u64 = 3_600_000_000;
+
+impl MonotonicClock {
+    /// A clock whose epoch is now.
+    pub fn new() -> Self {
+        Self {
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    #[inline]
+    fn now_micros(&self) -> u64 {
+        let elapsed = self.start.elapsed();
+        // u64 microseconds last 584,000 years; saturate rather than wrap.
+        let micros = elapsed.as_secs().saturating_mul(1_000_000) + u64::from(elapsed.subsec_micros());
+        micros.saturating_add(EPOCH_OFFSET_MICROS)
+    }
+}
+
+/// A clock that only moves when told to: for deterministic tests of limits and refills.
+///
+/// Clones share one time.
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::{Clock, ManualClock};
+///
+/// let clock = ManualClock::new();
+/// let t0 = clock.now_micros();
+/// clock.advance(Duration::from_millis(1500));
+/// assert_eq!(clock.now_micros() - t0, 1_500_000);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ManualClock {
+    now: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    /// A clock reading one hour after its epoch (so that time can also be stepped backwards).
+    pub fn new() -> Self {
+        Self {
+            now: Arc::new(AtomicU64::new(EPOCH_OFFSET_MICROS)),
+        }
+    }
+
+    /// Moves the clock forwards by `by`.
+    pub fn advance(&self, by: Duration) {
+        let micros = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
+        let _ = self
+            .now
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_add(micros))
+            });
+    }
+
+    /// Moves the clock backwards by `by` (as a badly behaved clock might), stopping at 1 µs.
+    pub fn rewind(&self, by: Duration) {
+        let micros = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
+        let _ = self
+            .now
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(micros).max(1))
+            });
+    }
+
+    /// Sets the clock to `at` after its epoch plus the initial hour: `set(Duration::ZERO)`
+    /// returns it to where [`ManualClock::new`] started.
+    pub fn set(&self, at: Duration) {
+        let micros = u64::try_from(at.as_micros()).unwrap_or(u64::MAX);
+        self.now
+            .store(micros.saturating_add(EPOCH_OFFSET_MICROS), Ordering::SeqCst);
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_micros(&self) -> u64 {
+        self.now.load(Ordering::SeqCst)
+    }
+}
+
+impl<C: Clock> Clock for Arc<C> {
+    fn now_micros(&self) -> u64 {
+        (**self).now_micros()
+    }
+}

@@ -1,0 +1,274 @@
+//! [`ResponseFuture`]: waits for the store, applies the fail mode, then either answers the
+//! rejection or calls the inner service and adds the rate-limit fields to its response.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+use tracing::Level;
+
+use crate::decision::{Decision, Outcome};
+use crate::error::StoreError;
+use crate::headers;
+use crate::key::Key;
+use crate::layer::Shared;
+use crate::response::{RateLimitBody, store_unavailable};
+use crate::store::{FailMode, Store};
+
+pin_project! {
+    /// The future of a [`RateLimit`](crate::RateLimit) service's response.
+    pub struct ResponseFuture<S, St, K, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        St: Store,
+    {
+        #[pin]
+        state: State<St::Future, S, ReqBody, S::Future>,
+        shared: Arc<Shared<St, K>>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<C, S, ReqBody, F> {
+        Checking {
+            #[pin]
+            check: C,
+            pending: Option<(S, Request<ReqBody>, Key)>,
+            cost: u32,
+        },
+        Calling {
+            #[pin]
+            fut: F,
+            // The decision whose fields go on the response; `None` for unlimited requests and
+            // fail-open verdicts.
+            decision: Option<Decision>,
+        },
+        Done,
+    }
+}
+
+impl<S, St, K, ReqBody> ResponseFuture<S, St, K, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    St: Store,
+{
+    pub(crate) fn checking(
+        check: St::Future,
+        inner: S,
+        req: Request<ReqBody>,
+        key: Key,
+        cost: u32,
+        shared: Arc<Shared<St, K>>,
+    ) -> Self {
+        Self {
+            state: State::Checking {
+                check,
+                pending: Some((inner, req, key)),
+                cost,
+            },
+            shared,
+        }
+    }
+
+    pub(crate) fn unlimited(fut: S::Future, shared: Arc<Shared<St, K>>) -> Self {
+        Self {
+            state: State::Calling {
+                fut,
+                decision: None,
+            },
+            shared,
+        }
+    }
+}
+
+impl<S, St, K, ReqBody, ResBody> Future for ResponseFuture<S, St, K, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    St: Store,
+{
+    type Output = Result<Response<RateLimitBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Checking {
+                    check,
+                    pending,
+                    cost,
+                } => {
+                    let result = ready!(check.poll(cx));
+                    let cost = *cost;
+                    let Some((mut inner, mut req, key)) = pending.take() else {
+                        this.state.set(State::Done);
+                        continue;
+                    };
+                    match this.shared.verdict(result, &key, cost) {
+                        Verdict::Pass { decision, headers } => {
+                            req.extensions_mut().insert(decision);
+                            let fut = inner.call(req);
+                            this.state.set(State::Calling {
+                                fut,
+                                decision: headers.then_some(decision),
+                            });
+                        }
+                        Verdict::Respond(response) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(response));
+                        }
+                    }
+                }
+                StateProj::Calling { fut, decision } => {
+                    let response = ready!(fut.poll(cx))?;
+                    let decision = *decision;
+                    this.state.set(State::Done);
+                    let mut response = response.map(RateLimitBody::inner);
+                    let shared = &**this.shared;
+                    if let Some(decision) = decision {
+                        if shared.headers_on_allowed {
+                            headers::apply(
+                                response.headers_mut(),
+                                shared.header_style,
+                                shared.reset_style,
+                                &shared.fields,
+                                &decision,
+                            );
+                        }
+                    }
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Done => {
+                    // Polled after completion: tower futures are not fused, but never panic.
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// What to do with a request once the store (or the fail mode) has decided.
+enum Verdict<B> {
+    /// Call the inner service; `headers` says whether the decision's fields go on the response.
+    Pass { decision: Decision, headers: bool },
+    /// Answer without calling the inner service.
+    Respond(Response<RateLimitBody<B>>),
+}
+
+impl<St, K> Shared<St, K> {
+    pub(crate) fn count_unlimited(&self) {
+        self.counters.unlimited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn verdict<B>(
+        &self,
+        result: Result<Decision, StoreError>,
+        key: &Key,
+        cost: u32,
+    ) -> Verdict<B> {
+        let decision = match result {
+            Ok(decision) => decision,
+            Err(error) => {
+                self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.degraded.fetch_add(1, Ordering::Relaxed);
+                self.warn_store_failure(&error);
+                match (&self.fail_mode, &self.fallback) {
+                    (FailMode::Closed, _) => return Verdict::Respond(store_unavailable()),
+                    (FailMode::Fallback { .. }, Some((store, policy))) => {
+                        let mut decision = store.check_now(policy, key, cost);
+                        decision.degraded = true;
+                        decision
+                    }
+                    _ => {
+                        self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+                        let decision = Decision::fail_open(self.policy.quota().capacity());
+                        return Verdict::Pass {
+                            decision,
+                            headers: false,
+                        };
+                    }
+                }
+            }
+        };
+        if decision.outcome() == Outcome::Allowed {
+            self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Pass {
+                decision,
+                headers: true,
+            };
+        }
+        self.log_limited(key, cost, &decision);
+        if self.dry_run {
+            self.counters.dry_run_denied.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Pass {
+                decision,
+                headers: true,
+            };
+        }
+        self.counters.denied.fetch_add(1, Ordering::Relaxed);
+        let mut response = self
+            .rejection
+            .response(self.policy.name(), decision.retry_after());
+        headers::apply(
+            response.headers_mut(),
+            self.header_style,
+            self.reset_style,
+            &self.fields,
+            &decision,
+        );
+        Verdict::Respond(response)
+    }
+
+    fn log_limited(&self, key: &Key, cost: u32, decision: &Decision) {
+        macro_rules! limited {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "tollgate::limited",
+                    $level,
+                    policy = self.policy.name(),
+                    key = %key,
+                    cost,
+                    outcome = ?decision.outcome(),
+                    retry_after_ms = decision.retry_after().map(|r| r.as_millis() as u64),
+                    dry_run = self.dry_run,
+                    degraded = decision.is_degraded(),
+                    "request limited"
+                )
+            };
+        }
+        match self.log_level {
+            Level::ERROR => limited!(Level::ERROR),
+            Level::WARN => limited!(Level::WARN),
+            Level::INFO => limited!(Level::INFO),
+            Level::DEBUG => limited!(Level::DEBUG),
+            Level::TRACE => limited!(Level::TRACE),
+        }
+    }
+
+    /// Warns about a store failure at most once a second per layer.
+    fn warn_store_failure(&self, error: &StoreError) {
+        let now = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if (last != 0 && now.saturating_sub(last) < 1_000_000)
+            || self
+                .last_warning
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        tracing::warn!(
+            target: "tollgate::store",
+            policy = self.policy.name(),
+            kind = ?error.kind(),
+            fail_mode = ?self.fail_mode,
+            error = %error,
+            "rate-limit store failed; the fail mode decides"
+        );
+    }
+}

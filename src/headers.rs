@@ -1,0 +1,207 @@
+//! Rate-limit header fields (DESIGN §4): IETF draft-ietf-httpapi-ratelimit-headers-10
+//! `RateLimit` / `RateLimit-Policy`, legacy `X-RateLimit-*`, and `Retry-After`.
+//!
+//! | style | fields |
+//! |---|---|
+//! | [`HeaderStyle::Ietf`] (default) | `RateLimit-Policy: "default";q=60;w=60` and `RateLimit: "default";r=59;t=1` |
+//! | [`HeaderStyle::Legacy`] | `X-RateLimit-Limit: 60`, `X-RateLimit-Remaining: 59`, `X-RateLimit-Reset: 1` |
+//! | [`HeaderStyle::Both`] | all of the above |
+//! | [`HeaderStyle::None`] | none (a 429 still carries `Retry-After`) |
+//!
+//! `q` is the quota's limit and `w` its period in seconds (rounded up); `r` is the remaining
+//! requests and `t` the seconds until one more is available (rounded up). Stacked layers add
+//! their members to the same two fields in the order the layers ran, so one `RateLimit` list
+//! reports every policy. The legacy fields can carry only one policy: they report the one with
+//! the fewest requests remaining. `X-RateLimit-Reset` is the seconds until the client is back
+//! at full capacity, or that instant as Unix epoch seconds with [`ResetStyle::Epoch`].
+//! Integers are clamped to 15 digits, the limit of structured-field Integers.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::decision::Decision;
+use crate::store::Policy;
+
+/// `RateLimit` (IETF draft-10).
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// `RateLimit-Policy` (IETF draft-10).
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `X-RateLimit-Limit` (legacy).
+pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// `X-RateLimit-Remaining` (legacy).
+pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// `X-RateLimit-Reset` (legacy).
+pub static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// The largest structured-field Integer: 15 digits.
+const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
+
+/// Which rate-limit fields responses carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum HeaderStyle {
+    /// IETF draft-10 `RateLimit` and `RateLimit-Policy` (the default).
+    #[default]
+    Ietf,
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    Legacy,
+    /// Both sets.
+    Both,
+    /// No rate-limit fields (denials still carry `Retry-After`).
+    None,
+}
+
+impl HeaderStyle {
+    fn ietf(self) -> bool {
+        matches!(self, Self::Ietf | Self::Both)
+    }
+
+    fn legacy(self) -> bool {
+        matches!(self, Self::Legacy | Self::Both)
+    }
+}
+
+impl std::str::FromStr for HeaderStyle {
+    type Err = crate::ConfigError;
+
+    /// `ietf`, `legacy`, `both` or `none`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ietf" => Ok(Self::Ietf),
+            "legacy" => Ok(Self::Legacy),
+            "both" => Ok(Self::Both),
+            "none" => Ok(Self::None),
+            other => Err(crate::ConfigError::Invalid(format!(
+                "header style {other:?} is not one of ietf, legacy, both, none"
+            ))),
+        }
+    }
+}
+
+/// How `X-RateLimit-Reset` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum ResetStyle {
+    /// Seconds from now (the default; needs no clock agreement with the client).
+    #[default]
+    Delta,
+    /// Unix epoch seconds, as GitHub and X send it.
+    Epoch,
+}
+
+/// Seconds, rounded up, clamped to 15 digits.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.min(SF_INTEGER_MAX)
+}
+
+/// Precomputed per-policy parts of the fields.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyFields {
+    /// `"name";q=L;w=W`
+    policy_member: String,
+    /// `"name"`
+    quoted_name: String,
+}
+
+impl PolicyFields {
+    pub(crate) fn new(policy: &Policy) -> Self {
+        let quota = policy.quota();
+        let w = ceil_secs(quota.period()).max(1);
+        let q = u64::from(quota.limit()).min(SF_INTEGER_MAX);
+        Self {
+            policy_member: format!("\"{}\";q={q};w={w}", policy.name()),
+            quoted_name: format!("\"{}\"", policy.name()),
+        }
+    }
+}
+
+/// Adds this layer's fields to `headers` (after any inner layer added its own).
+pub(crate) fn apply(
+    headers: &mut HeaderMap,
+    style: HeaderStyle,
+    reset: ResetStyle,
+    fields: &PolicyFields,
+    decision: &Decision,
+) {
+    if style.ietf() {
+        let mut member = String::with_capacity(fields.quoted_name.len() + 24);
+        member.push_str(&fields.quoted_name);
+        let r = u64::from(decision.remaining()).min(SF_INTEGER_MAX);
+        let t = ceil_secs(decision.next_available());
+        let _ = write!(member, ";r={r};t={t}");
+        prepend_member(headers, &RATELIMIT_POLICY, &fields.policy_member);
+        prepend_member(headers, &RATELIMIT, &member);
+    }
+    if style.legacy() {
+        let remaining = u64::from(decision.remaining());
+        let tighter_inside = headers
+            .get(&X_RATELIMIT_REMAINING)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|inner| inner <= remaining);
+        if !tighter_inside {
+            let reset = match reset {
+                ResetStyle::Delta => ceil_secs(decision.reset_after()),
+                ResetStyle::Epoch => {
+                    let at = SystemTime::now() + decision.reset_after();
+                    ceil_secs(at.duration_since(UNIX_EPOCH).unwrap_or_default())
+                }
+            };
+            headers.insert(
+                X_RATELIMIT_LIMIT.clone(),
+                HeaderValue::from(decision.capacity()),
+            );
+            headers.insert(
+                X_RATELIMIT_REMAINING.clone(),
+                HeaderValue::from(remaining.min(SF_INTEGER_MAX)),
+            );
+            headers.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(reset));
+        }
+    }
+}
+
+/// Puts `member` first in the list field `name`, joining every existing line into one list,
+/// so the field reads in the order the layers ran (outermost first).
+fn prepend_member(headers: &mut HeaderMap, name: &HeaderName, member: &str) {
+    let mut value = String::with_capacity(member.len() + 32);
+    value.push_str(member);
+    for existing in headers.get_all(name) {
+        if let Ok(text) = existing.to_str() {
+            value.push_str(", ");
+            value.push_str(text);
+        }
+    }
+    // Every part is printable ASCII (validated policy names, digits), so this cannot fail.
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(name.clone(), v);
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up, never 0.
+pub(crate) fn retry_after_value(retry: Duration) -> HeaderValue {
+    HeaderValue::from(ceil_secs(retry).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Quota;
+
+    #[test]
+    fn ceil_never_rounds_down() {
+        assert_eq!(ceil_secs(Duration::ZERO), 0);
+        assert_eq!(ceil_secs(Duration::from_micros(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(ceil_secs(Duration::MAX), SF_INTEGER_MAX);
+        assert_eq!(retry_after_value(Duration::from_millis(1)), "1");
+    }
+
+    #[test]
+    fn policy_member_rounds_the_window_up() {
+        let p = Policy::new("fast", "2/500ms".parse::<Quota>().unwrap()).unwrap();
+        assert_eq!(PolicyFields::new(&p).policy_member, "\"fast\";q=2;w=1");
+    }
+}

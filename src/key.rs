@@ -1,0 +1,586 @@
+//! Who is the client? [`KeyExtractor`]s turn a request into a [`Key`], or `None`.
+//!
+//! `None` means **not limited**, as nginx treats an empty key: the request passes without
+//! touching the store and without rate-limit headers. That is the allowlist idiom:
+//!
+//! ```
+//! use http::request::Parts;
+//! use tollgate::Key;
+//!
+//! // API keys are limited per key; the internal monitoring key is never limited.
+//! let by_api_key = |req: &Parts| -> Option<Key> {
+//!     let key = req.headers.get("x-api-key")?.as_bytes();
+//!     (key != b"internal-monitoring").then(|| Key::new(key.to_vec()))
+//! };
+//! # let _ = by_api_key;
+//! ```
+//!
+//! Built-ins: [`ClientIp`] (socket peer, trusted-proxy aware, IPv6 prefix grouping),
+//! [`Header`], [`ApiKeyOrIp`] and [`Global`]. Any `Fn(&Parts) -> Option<impl Into<Key>>` works.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::HeaderName;
+use http::request::Parts;
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::error::ConfigError;
+
+/// A client's identity, as bytes. Long identities are hashed so that every key is short.
+///
+/// Keys up to [`Key::MAX_LEN`] bytes are kept as they are; a longer one is replaced by `#` and
+/// the hex SHA-256 of its bytes (65 bytes in all). The mapping stays injective (a kept key is
+/// never 65 bytes long), and a client sending a 64 KiB API key costs the store no more memory
+/// than any other client.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(Bytes);
+
+impl Key {
+    /// The longest key kept verbatim; longer keys are hashed.
+    pub const MAX_LEN: usize = 64;
+
+    /// A key from any bytes; hashed when longer than [`Key::MAX_LEN`].
+    pub fn new(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        if bytes.len() <= Self::MAX_LEN {
+            return Self(bytes);
+        }
+        let digest = Sha256::digest(&bytes);
+        let mut out = Vec::with_capacity(1 + 64);
+        out.push(b'#');
+        for byte in digest {
+            out.push(HEX[usize::from(byte >> 4)]);
+            out.push(HEX[usize::from(byte & 0xf)]);
+        }
+        Self(Bytes::from(out))
+    }
+
+    /// A key from a static string, without allocating (hashed if it is too long).
+    pub fn from_static(s: &'static str) -> Self {
+        Self::new(Bytes::from_static(s.as_bytes()))
+    }
+
+    /// The key's bytes (after hashing, if it was long).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({self})")
+    }
+}
+
+/// Shows the key as text, with bytes that are not printable ASCII escaped as `\xNN`.
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.escape_ascii().to_string())
+    }
+}
+
+impl From<String> for Key {
+    fn from(s: String) -> Self {
+        Self::new(s)
+    }
+}
+
+impl From<&str> for Key {
+    fn from(s: &str) -> Self {
+        Self::new(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl From<Vec<u8>> for Key {
+    fn from(v: Vec<u8>) -> Self {
+        Self::new(v)
+    }
+}
+
+impl From<&[u8]> for Key {
+    fn from(v: &[u8]) -> Self {
+        Self::new(Bytes::copy_from_slice(v))
+    }
+}
+
+impl From<Bytes> for Key {
+    fn from(b: Bytes) -> Self {
+        Self::new(b)
+    }
+}
+
+impl From<IpAddr> for Key {
+    fn from(ip: IpAddr) -> Self {
+        Self::new(ip.to_string())
+    }
+}
+
+impl From<u64> for Key {
+    fn from(n: u64) -> Self {
+        Self::new(n.to_string())
+    }
+}
+
+/// Turns a request into the key it is limited under, or `None` for "not limited".
+///
+/// Implemented for every `Fn(&Parts) -> Option<K>` where `K: Into<Key>`.
+pub trait KeyExtractor: Send + Sync + 'static {
+    /// The key for this request; `None` lets it through unlimited.
+    fn extract(&self, req: &Parts) -> Option<Key>;
+}
+
+impl<F, K> KeyExtractor for F
+where
+    F: Fn(&Parts) -> Option<K> + Send + Sync + 'static,
+    K: Into<Key>,
+{
+    fn extract(&self, req: &Parts) -> Option<Key> {
+        self(req).map(Into::into)
+    }
+}
+
+impl<E: KeyExtractor + ?Sized> KeyExtractor for Arc<E> {
+    fn extract(&self, req: &Parts) -> Option<Key> {
+        (**self).extract(req)
+    }
+}
+
+/// The socket peer's address, for servers that are not axum: insert it into each request's
+/// extensions (hyper's `service_fn` knows the peer when it accepts the connection).
+///
+/// [`ClientIp`] reads it first, then axum's `ConnectInfo<SocketAddr>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// The header a trusted proxy writes the client's address into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2` (the default).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for="[2001:db8::1]:4711"`.
+    Forwarded,
+    /// `X-Real-IP: client` (one address, as nginx's realip module sets).
+    XRealIp,
+}
+
+/// The client's IP address: the socket peer, or, behind trusted proxies, the address they
+/// forwarded. IPv6 clients are grouped by prefix (default /56: one household or small office).
+///
+/// Forwarding headers are read only when the socket peer is inside a trusted range, right to
+/// left, skipping trusted hops; all header lines are joined into one list. A hop that is not an
+/// address stops the walk at the last trusted address: a client cannot skip past it by writing
+/// garbage. IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) count as IPv4.
+///
+/// ```
+/// use tollgate::key::{ClientIp, ForwardedHeader};
+///
+/// let ip = ClientIp::new()
+///     .trust("10.0.0.0/8")?            // your load balancers
+///     .header(ForwardedHeader::XForwardedFor)
+///     .ipv6_prefix(64)?;
+/// # let _ = ip;
+/// # Ok::<(), tollgate::ConfigError>(())
+/// ```
+///
+/// The peer address comes from axum's `ConnectInfo<SocketAddr>` (serve with
+/// `into_make_service_with_connect_info::<SocketAddr>()`) or from a [`PeerAddr`] extension.
+/// A request with neither is limited under the shared key `unknown` and an error is logged
+/// once, so a missing `ConnectInfo` is noticed rather than silently disabling the limit.
+#[derive(Debug, Clone)]
+pub struct ClientIp {
+    trusted: Arc<[IpNet]>,
+    header: ForwardedHeader,
+    ipv6_prefix: u8,
+    warned: Arc<AtomicBool>,
+}
+
+impl Default for ClientIp {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClientIp {
+    /// The socket peer's address; no proxy is trusted; IPv6 grouped by /56.
+    pub fn new() -> Self {
+        Self {
+            trusted: Arc::from(Vec::new()),
+            header: ForwardedHeader::default(),
+            ipv6_prefix: 56,
+            warned: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Trusts proxies in `cidr` (`10.0.0.0/8`, `fd00::/8`, or a single address).
+    ///
+    /// # Errors
+    /// [`ConfigError::Cidr`] when `cidr` is neither a network nor an address.
+    pub fn trust(self, cidr: &str) -> Result<Self, ConfigError> {
+        let net = parse_cidr(cidr)?;
+        Ok(self.trust_net(net))
+    }
+
+    /// Trusts proxies in `net`.
+    #[must_use]
+    pub fn trust_net(mut self, net: IpNet) -> Self {
+        let mut nets = self.trusted.to_vec();
+        nets.push(net.trunc());
+        self.trusted = nets.into();
+        self
+    }
+
+    /// Which forwarding header the trusted proxies set (default `X-Forwarded-For`). Only that
+    /// one is read: a client-supplied copy of another header is never believed.
+    #[must_use]
+    pub fn header(mut self, header: ForwardedHeader) -> Self {
+        self.header = header;
+        self
+    }
+
+    /// Groups IPv6 clients by this prefix length (1..=128; default 56, 128 = no grouping).
+    ///
+    /// # Errors
+    /// [`ConfigError::Ipv6Prefix`] outside 1..=128.
+    pub fn ipv6_prefix(mut self, bits: u8) -> Result<Self, ConfigError> {
+        if !(1..=128).contains(&bits) {
+            return Err(ConfigError::Ipv6Prefix(bits));
+        }
+        self.ipv6_prefix = bits;
+        Ok(self)
+    }
+
+    /// The client's address (before IPv6 grouping), or `None` when the request carries no
+    /// peer address.
+    pub fn client_addr(&self, req: &Parts) -> Option<IpAddr> {
+        let peer = peer_addr(req)?.to_canonical();
+        if !self.is_trusted(peer) {
+            return Some(peer);
+        }
+        let mut current = peer;
+        let mut walk = |hop: Option<IpAddr>| -> Option<IpAddr> {
+            match hop {
+                Some(ip) if self.is_trusted(ip) => {
+                    current = ip;
+                    None
+                }
+                Some(ip) => Some(ip),
+                None => Some(current),
+            }
+        };
+        let found = match self.header {
+            ForwardedHeader::XForwardedFor => {
+                hops_right_to_left(req, "x-forwarded-for", parse_xff_hop, &mut walk)
+            }
+            ForwardedHeader::Forwarded => {
+                hops_right_to_left(req, "forwarded", parse_forwarded_hop, &mut walk)
+            }
+            ForwardedHeader::XRealIp => {
+                hops_right_to_left(req, "x-real-ip", parse_xff_hop, &mut walk)
+            }
+        };
+        Some(found.unwrap_or(current))
+    }
+
+    /// The key text for `ip`: IPv4 as is, IPv6 as its prefix (`2001:db8:abcd::/56`).
+    fn key_for(&self, ip: IpAddr) -> Key {
+        match ip {
+            IpAddr::V4(v4) => Key::from(v4.to_string()),
+            IpAddr::V6(v6) if self.ipv6_prefix == 128 => Key::from(v6.to_string()),
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX << (128 - u32::from(self.ipv6_prefix));
+                let net = Ipv6Addr::from(u128::from(v6) & mask);
+                Key::from(format!("{net}/{}", self.ipv6_prefix))
+            }
+        }
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    pub(crate) fn key_or_unknown(&self, req: &Parts) -> Key {
+        match self.client_addr(req) {
+            Some(ip) => self.key_for(ip),
+            None => {
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        target: "tollgate::key",
+                        "ClientIp found no peer address on the request; all such requests share \
+                         the key \"unknown\". Serve axum with \
+                         into_make_service_with_connect_info::<SocketAddr>(), or insert a \
+                         tollgate::key::PeerAddr extension"
+                    );
+                }
+                Key::from_static("unknown")
+            }
+        }
+    }
+}
+
+impl KeyExtractor for ClientIp {
+    fn extract(&self, req: &Parts) -> Option<Key> {
+        Some(self.key_or_unknown(req))
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, ConfigError> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| ConfigError::Cidr(s.chars().take(80).collect()))
+}
+
+fn peer_addr(req: &Parts) -> Option<IpAddr> {
+    if let Some(PeerAddr(addr)) = req.extensions.get::<PeerAddr>() {
+        return Some(addr.ip());
+    }
+    #[cfg(feature = "axum")]
+    if let Some(info) = req
+        .extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(info.0.ip());
+    }
+    None
+}
+
+/// Walks the hops of header `name` (all lines joined) from the right. `visit` gets each parsed
+/// hop (`None` for one that is not an address) and returns `Some` to stop with that address.
+fn hops_right_to_left(
+    req: &Parts,
+    name: &str,
+    parse: fn(&str) -> Option<IpAddr>,
+    visit: &mut dyn FnMut(Option<IpAddr>) -> Option<IpAddr>,
+) -> Option<IpAddr> {
+    for line in req.headers.get_all(name).iter().rev() {
+        let Ok(text) = line.to_str() else {
+            return visit(None);
+        };
+        for hop in text.rsplit(',') {
+            let hop = hop.trim();
+            if hop.is_empty() {
+                continue;
+            }
+            if let Some(ip) = visit(parse(hop).map(|ip| ip.to_canonical())) {
+                return Some(ip);
+            }
+        }
+    }
+    None
+}
+
+/// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:443`.
+fn parse_xff_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sock) = hop.parse::<SocketAddr>() {
+        return Some(sock.ip());
+    }
+    hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+/// One `Forwarded` element: `for=1.2.3.4;proto=https`, `For="[2001:db8::17]:4711"`.
+/// `_hidden`, `unknown` and elements without `for=` are not addresses.
+fn parse_forwarded_hop(element: &str) -> Option<IpAddr> {
+    let value = element.split(';').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        name.trim().eq_ignore_ascii_case("for").then_some(value.trim())
+    })?;
+    let value = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    parse_xff_hop(value)
+}
+
+/// The value of one request header as the key; requests without it (or with it empty) are
+/// not limited.
+///
+/// ```
+/// let by_api_key = tollgate::key::Header::new("x-api-key")?;
+/// # let _ = by_api_key;
+/// # Ok::<(), tollgate::ConfigError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Header {
+    name: HeaderName,
+}
+
+impl Header {
+    /// Keys requests by header `name`.
+    ///
+    /// # Errors
+    /// [`ConfigError::HeaderName`] when `name` is not a valid header name.
+    pub fn new(name: &str) -> Result<Self, ConfigError> {
+        let name = HeaderName::try_from(name)
+            .map_err(|_| ConfigError::HeaderName(name.chars().take(80).collect()))?;
+        Ok(Self { name })
+    }
+
+    fn value<'a>(&self, req: &'a Parts) -> Option<&'a [u8]> {
+        let v = req.headers.get(&self.name)?.as_bytes();
+        (!v.is_empty()).then_some(v)
+    }
+}
+
+impl KeyExtractor for Header {
+    fn extract(&self, req: &Parts) -> Option<Key> {
+        self.value(req).map(Key::from)
+    }
+}
+
+/// The API key header when the request has one (`key:<value>`), else the client IP
+/// (`ip:<address>`). The two kinds can never collide.
+#[derive(Debug, Clone)]
+pub struct ApiKeyOrIp {
+    header: Header,
+    ip: ClientIp,
+}
+
+impl ApiKeyOrIp {
+    /// API key from `header`, else the IP as `ip` finds it.
+    pub fn new(header: Header, ip: ClientIp) -> Self {
+        Self { header, ip }
+    }
+}
+
+impl KeyExtractor for ApiKeyOrIp {
+    fn extract(&self, req: &Parts) -> Option<Key> {
+        let mut text = Vec::with_capacity(Key::MAX_LEN);
+        match self.header.value(req) {
+            Some(v) => {
+                text.extend_from_slice(b"key:");
+                text.extend_from_slice(v);
+            }
+            None => {
+                text.extend_from_slice(b"ip:");
+                text.extend_from_slice(self.ip.key_or_unknown(req).as_bytes());
+            }
+        }
+        Some(Key::new(text))
+    }
+}
+
+/// One key for everyone: a limit on the whole service (or route).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Global;
+
+impl KeyExtractor for Global {
+    fn extract(&self, _req: &Parts) -> Option<Key> {
+        Some(Key::from_static("global"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(peer: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let (mut parts, ()) = b.body(()).unwrap().into_parts();
+        let ip: IpAddr = peer.parse().unwrap();
+        parts.extensions.insert(PeerAddr(SocketAddr::new(ip, 4000)));
+        parts
+    }
+
+    fn key(ex: &impl KeyExtractor, p: &Parts) -> String {
+        ex.extract(p).unwrap().to_string()
+    }
+
+    /// SEMANTICS.md §5 table: trusted = 10.0.0.0/8, rightmost walk.
+    #[test]
+    fn trusted_proxy_table() {
+        let ip = ClientIp::new().trust("10.0.0.0/8").unwrap();
+        let fwd = ip.clone().header(ForwardedHeader::Forwarded);
+        let xff = "x-forwarded-for";
+        let cases: [(&ClientIp, &str, Vec<(&str, &str)>, &str); 8] = [
+            (&ip, "10.0.0.5", vec![(xff, "1.2.3.4")], "1.2.3.4"),
+            (&ip, "10.0.0.5", vec![(xff, "6.6.6.6, 1.2.3.4")], "1.2.3.4"),
+            (&ip, "10.0.0.5", vec![(xff, "1.2.3.4, 10.0.0.7")], "1.2.3.4"),
+            (&ip, "10.0.0.5", vec![(xff, "6.6.6.6"), (xff, "1.2.3.4")], "1.2.3.4"),
+            (&ip, "203.0.113.9", vec![(xff, "1.2.3.4")], "203.0.113.9"),
+            (&ip, "10.0.0.5", vec![(xff, "1.2.3.4, not-an-ip")], "10.0.0.5"),
+            (
+                &fwd,
+                "10.0.0.5",
+                vec![("forwarded", "for=192.0.2.43, for=\"[2001:db8:cafe::17]:4711\"")],
+                "2001:db8:cafe::/56",
+            ),
+            (&fwd, "10.0.0.5", vec![("forwarded", "for=_hidden")], "10.0.0.5"),
+        ];
+        for (extractor, peer, headers, want) in cases {
+            assert_eq!(key(extractor, &parts(peer, &headers)), want, "{peer} {headers:?}");
+        }
+        let p = parts("10.0.0.5", &[("forwarded", "for=unknown")]);
+        assert_eq!(key(&fwd, &p), "10.0.0.5");
+        // Forwarded is not believed when the proxy sets X-Forwarded-For.
+        let p = parts("10.0.0.5", &[("forwarded", "for=6.6.6.6"), (xff, "1.2.3.4")]);
+        assert_eq!(key(&ip, &p), "1.2.3.4");
+        // All hops trusted: the leftmost trusted address.
+        let p = parts("10.0.0.5", &[(xff, "10.1.1.1, 10.2.2.2")]);
+        assert_eq!(key(&ip, &p), "10.1.1.1");
+    }
+
+    #[test]
+    fn ipv6_prefixes_and_mapped_addresses() {
+        let p = parts("2001:db8:abcd:12:1:2:3:4", &[]);
+        for (bits, want) in [
+            (64, "2001:db8:abcd:12::/64"),
+            (56, "2001:db8:abcd::/56"),
+            (48, "2001:db8:abcd::/48"),
+        ] {
+            let ip = ClientIp::new().ipv6_prefix(bits).unwrap();
+            assert_eq!(key(&ip, &p), want);
+        }
+        let p = parts("2001:db8:abcd:12ff::1", &[]);
+        assert_eq!(key(&ClientIp::new(), &p), "2001:db8:abcd:1200::/56");
+        let p = parts("::ffff:192.0.2.1", &[]);
+        assert_eq!(key(&ClientIp::new(), &p), "192.0.2.1");
+        assert!(ClientIp::new().ipv6_prefix(0).is_err());
+        assert!(ClientIp::new().ipv6_prefix(129).is_err());
+        assert!(ClientIp::new().trust("10.0.0.0/33").is_err());
+        assert!(ClientIp::new().trust("nonsense").is_err());
+    }
+
+    #[test]
+    fn long_keys_are_hashed_injectively() {
+        let short = Key::from("a".repeat(64));
+        assert_eq!(short.as_bytes().len(), 64);
+        let long = Key::from("a".repeat(65));
+        let huge = Key::from("a".repeat(65_536));
+        assert_eq!(long.as_bytes().len(), 65);
+        assert_eq!(huge.as_bytes().len(), 65);
+        assert_ne!(long, huge);
+        assert_eq!(long.as_bytes()[0], b'#');
+    }
+
+    #[test]
+    fn api_key_or_ip_never_collide() {
+        let ex = ApiKeyOrIp::new(Header::new("x-api-key").unwrap(), ClientIp::new());
+        let with_key = parts("1.2.3.4", &[("x-api-key", "ip:1.2.3.4")]);
+        let without = parts("1.2.3.4", &[]);
+        assert_eq!(key(&ex, &with_key), "key:ip:1.2.3.4");
+        assert_eq!(key(&ex, &without), "ip:1.2.3.4");
+        let empty = parts("1.2.3.4", &[("x-api-key", "")]);
+        assert_eq!(key(&ex, &empty), "ip:1.2.3.4");
+    }
+
+    #[test]
+    fn missing_peer_is_shared_unknown_key() {
+        let (p, ()) = http::Request::new(()).into_parts();
+        assert_eq!(key(&ClientIp::new(), &p), "unknown");
+    }
+}

@@ -1,0 +1,396 @@
+//! [`RateLimitLayer`] and its builder: everything about a layer is decided here, at build time.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::StatusCode;
+use http::request::Parts;
+use tower_layer::Layer;
+use tracing::Level;
+
+use crate::error::ConfigError;
+use crate::headers::{HeaderStyle, PolicyFields, ResetStyle};
+use crate::key::{ClientIp, KeyExtractor};
+use crate::quota::Quota;
+use crate::response::{Rejection, RejectionBody};
+use crate::service::RateLimit;
+use crate::store::{FailMode, Policy, Store};
+use crate::MemoryStore;
+
+type CostFn = dyn Fn(&Parts) -> u32 + Send + Sync;
+type SkipFn = dyn Fn(&Parts) -> bool + Send + Sync;
+
+/// A Tower layer that rate-limits requests by key, with one [`Policy`] and one [`Store`].
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tollgate::{Quota, RateLimitLayer, key::ClientIp};
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|| async { "hello" }))
+///     .layer(RateLimitLayer::new(Quota::per_minute(60)?, ClientIp::new()));
+/// # Ok::<(), tollgate::QuotaError>(())
+/// ```
+///
+/// Every clone of the layer, and every service it makes, shares one store and one set of
+/// counters. Several layers stack: all must admit a request, and a request denied by one layer
+/// is never charged by a layer that has not run yet (inner layers run after outer ones).
+pub struct RateLimitLayer<St = MemoryStore, K = ClientIp> {
+    pub(crate) shared: Arc<Shared<St, K>>,
+}
+
+impl<St, K> Clone for RateLimitLayer<St, K> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<St, K> fmt::Debug for RateLimitLayer<St, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("policy", &self.shared.policy)
+            .field("fail_mode", &self.shared.fail_mode)
+            .field("dry_run", &self.shared.dry_run)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything a layer's services share.
+pub(crate) struct Shared<St, K> {
+    pub(crate) policy: Policy,
+    pub(crate) fields: PolicyFields,
+    pub(crate) store: St,
+    pub(crate) key: K,
+    pub(crate) cost: Option<Arc<CostFn>>,
+    pub(crate) skip: Option<Arc<SkipFn>>,
+    pub(crate) fail_mode: FailMode,
+    /// The local limiter for [`FailMode::Fallback`], with the divided quota.
+    pub(crate) fallback: Option<(MemoryStore, Policy)>,
+    pub(crate) dry_run: bool,
+    pub(crate) header_style: HeaderStyle,
+    pub(crate) reset_style: ResetStyle,
+    pub(crate) headers_on_allowed: bool,
+    pub(crate) rejection: Rejection,
+    pub(crate) log_level: Level,
+    pub(crate) counters: Counters,
+    /// Microseconds (monotonic, since `started`) of the last store-failure warning.
+    pub(crate) last_warning: AtomicU64,
+    pub(crate) started: std::time::Instant,
+}
+
+/// Live counters of one layer.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) allowed: AtomicU64,
+    pub(crate) denied: AtomicU64,
+    pub(crate) dry_run_denied: AtomicU64,
+    pub(crate) unlimited: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) degraded: AtomicU64,
+}
+
+/// A snapshot of a layer's counters since it was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Stats {
+    /// Requests admitted (including those admitted degraded).
+    pub allowed: u64,
+    /// Requests answered with the rejection status.
+    pub denied: u64,
+    /// Requests that would have been denied, let through by dry-run mode.
+    pub dry_run_denied: u64,
+    /// Requests skipped, or whose key extractor returned `None`.
+    pub unlimited: u64,
+    /// Store failures (each then handled by the fail mode).
+    pub store_errors: u64,
+    /// Decisions made without the store: fail-open, fail-closed or by the fallback limiter.
+    pub degraded: u64,
+}
+
+impl<K: KeyExtractor> RateLimitLayer<MemoryStore, K> {
+    /// `quota` per client as `key` identifies them, in a new [`MemoryStore`], policy
+    /// `"default"`, every other setting at its default.
+    pub fn new(quota: Quota, key: K) -> Self {
+        let policy = Policy::named_default(quota);
+        Self::from_parts(Builder::new(quota).key(key).parts(policy))
+    }
+}
+
+impl RateLimitLayer {
+    /// A builder for every setting; call [`Builder::build`] to get the layer.
+    pub fn builder(quota: Quota) -> Builder {
+        Builder::new(quota)
+    }
+}
+
+impl<St, K> RateLimitLayer<St, K> {
+    fn from_parts(shared: Shared<St, K>) -> Self {
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// The layer's policy (name and quota).
+    pub fn policy(&self) -> &Policy {
+        &self.shared.policy
+    }
+
+    /// The store the layer decides with.
+    pub fn store(&self) -> &St {
+        &self.shared.store
+    }
+
+    /// The layer's counters so far.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            allowed: get(&c.allowed),
+            denied: get(&c.denied),
+            dry_run_denied: get(&c.dry_run_denied),
+            unlimited: get(&c.unlimited),
+            store_errors: get(&c.store_errors),
+            degraded: get(&c.degraded),
+        }
+    }
+}
+
+impl<S, St, K> Layer<S> for RateLimitLayer<St, K> {
+    type Service = RateLimit<S, St, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit::new(inner, Arc::clone(&self.shared))
+    }
+}
+
+/// Configures a [`RateLimitLayer`]. Invalid settings are reported by [`Builder::build`].
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tollgate::{FailMode, HeaderStyle, Quota, RateLimitLayer, RejectionBody, key::Header};
+///
+/// let layer = RateLimitLayer::builder("100/m;capacity=20".parse()?)
+///     .policy("api")
+///     .key(Header::new("x-api-key")?)
+///     .cost(|req| if req.method == http::Method::POST { 5 } else { 1 })
+///     .skip(|req| req.uri.path() == "/healthz")
+///     .headers(HeaderStyle::Both)
+///     .body(RejectionBody::Json)
+///     .fail_mode(FailMode::Closed)
+///     .build()?;
+/// let app: Router = Router::new().route("/", get(|| async { "hi" })).layer(layer);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use]
+pub struct Builder<St = MemoryStore, K = ClientIp> {
+    quota: Quota,
+    policy_name: Option<String>,
+    store: St,
+    key: K,
+    cost: Option<Arc<CostFn>>,
+    skip: Option<Arc<SkipFn>>,
+    fail_mode: FailMode,
+    dry_run: bool,
+    header_style: HeaderStyle,
+    reset_style: ResetStyle,
+    headers_on_allowed: bool,
+    status: u16,
+    body: RejectionBody,
+    log_level: Level,
+}
+
+impl<St, K> fmt::Debug for Builder<St, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("quota", &self.quota)
+            .field("policy_name", &self.policy_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    fn new(quota: Quota) -> Self {
+        Self {
+            quota,
+            policy_name: None,
+            store: MemoryStore::new(),
+            key: ClientIp::new(),
+            cost: None,
+            skip: None,
+            fail_mode: FailMode::default(),
+            dry_run: false,
+            header_style: HeaderStyle::default(),
+            reset_style: ResetStyle::default(),
+            headers_on_allowed: true,
+            status: 429,
+            body: RejectionBody::default(),
+            log_level: Level::INFO,
+        }
+    }
+}
+
+impl<St, K> Builder<St, K> {
+    /// The policy name, sent in `RateLimit` headers and used to namespace store keys
+    /// (default `"default"`). 1 to 64 characters of ASCII letters, digits and `-_.:`.
+    pub fn policy(mut self, name: &str) -> Self {
+        self.policy_name = Some(name.to_owned());
+        self
+    }
+
+    /// How clients are identified (default: [`ClientIp`] with no trusted proxies).
+    pub fn key<K2: KeyExtractor>(self, key: K2) -> Builder<St, K2> {
+        Builder {
+            key,
+            quota: self.quota,
+            policy_name: self.policy_name,
+            store: self.store,
+            cost: self.cost,
+            skip: self.skip,
+            fail_mode: self.fail_mode,
+            dry_run: self.dry_run,
+            header_style: self.header_style,
+            reset_style: self.reset_style,
+            headers_on_allowed: self.headers_on_allowed,
+            status: self.status,
+            body: self.body,
+            log_level: self.log_level,
+        }
+    }
+
+    /// Where state lives (default: a new [`MemoryStore`]). Pass a clone of one store to several
+    /// layers to share it; each layer's policy name keeps their keys apart.
+    pub fn store<St2: Store>(self, store: St2) -> Builder<St2, K> {
+        Builder {
+            store,
+            quota: self.quota,
+            policy_name: self.policy_name,
+            key: self.key,
+            cost: self.cost,
+            skip: self.skip,
+            fail_mode: self.fail_mode,
+            dry_run: self.dry_run,
+            header_style: self.header_style,
+            reset_style: self.reset_style,
+            headers_on_allowed: self.headers_on_allowed,
+            status: self.status,
+            body: self.body,
+            log_level: self.log_level,
+        }
+    }
+
+    /// What each request costs (default 1). A cost of 0 is a peek: the request is checked and
+    /// gets headers, but consumes nothing. A cost above the capacity can never pass.
+    pub fn cost(mut self, cost: impl Fn(&Parts) -> u32 + Send + Sync + 'static) -> Self {
+        self.cost = Some(Arc::new(cost));
+        self
+    }
+
+    /// Requests for which `skip` returns true pass unlimited, without headers.
+    pub fn skip(mut self, skip: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
+        self.skip = Some(Arc::new(skip));
+        self
+    }
+
+    /// What to do when the store fails (default [`FailMode::Open`]).
+    pub fn fail_mode(mut self, mode: FailMode) -> Self {
+        self.fail_mode = mode;
+        self
+    }
+
+    /// Evaluate, log and send headers, but never deny (nginx `limit_req_dry_run`). Requests
+    /// that would have been denied are counted in [`Stats::dry_run_denied`] and charge nothing.
+    pub fn dry_run(mut self, on: bool) -> Self {
+        self.dry_run = on;
+        self
+    }
+
+    /// Which rate-limit header fields to send (default IETF draft-10).
+    pub fn headers(mut self, style: HeaderStyle) -> Self {
+        self.header_style = style;
+        self
+    }
+
+    /// How `X-RateLimit-Reset` is written (default: delta seconds).
+    pub fn reset_style(mut self, style: ResetStyle) -> Self {
+        self.reset_style = style;
+        self
+    }
+
+    /// Send the rate-limit fields on admitted responses too (default true).
+    pub fn headers_on_allowed(mut self, on: bool) -> Self {
+        self.headers_on_allowed = on;
+        self
+    }
+
+    /// The status of a limited request's response (default 429; 400..=599).
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// The body of a limited request's response (default short text).
+    pub fn body(mut self, body: RejectionBody) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// The level of the `tollgate::limited` event logged for each denied request (default
+    /// `INFO`; nginx's `limit_req_log_level`).
+    pub fn log_level(mut self, level: Level) -> Self {
+        self.log_level = level;
+        self
+    }
+
+    fn parts(self, policy: Policy) -> Shared<St, K> {
+        Shared {
+            fields: PolicyFields::new(&policy),
+            policy,
+            store: self.store,
+            key: self.key,
+            cost: self.cost,
+            skip: self.skip,
+            fail_mode: self.fail_mode,
+            fallback: None,
+            dry_run: self.dry_run,
+            header_style: self.header_style,
+            reset_style: self.reset_style,
+            headers_on_allowed: self.headers_on_allowed,
+            rejection: Rejection {
+                status: StatusCode::from_u16(self.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+                body: self.body,
+            },
+            log_level: self.log_level,
+            counters: Counters::default(),
+            last_warning: AtomicU64::new(0),
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl<St: Store, K: KeyExtractor> Builder<St, K> {
+    /// The layer.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for an invalid policy name, a status outside 400..=599, a custom body
+    /// without a content type, or a fallback divisor of 0.
+    pub fn build(self) -> Result<RateLimitLayer<St, K>, ConfigError> {
+        if !(400..=599).contains(&self.status) {
+            return Err(ConfigError::Status(self.status));
+        }
+        let policy = Policy::new(self.policy_name.as_deref().unwrap_or("default"), self.quota)?;
+        let fallback = match self.fail_mode {
+            FailMode::Fallback { divisor } => {
+                let local = Policy::new(policy.name(), policy.quota().divided(divisor)?)?;
+                Some((MemoryStore::new(), local))
+            }
+            _ => None,
+        };
+        let mut shared = self.parts(policy);
+        shared.fallback = fallback;
+        Ok(RateLimitLayer::from_parts(shared))
+    }
+}

@@ -1,0 +1,68 @@
+//! # tollgate
+//!
+//! Distributed HTTP rate limiting for Tower and axum: the GCRA (generic cell rate algorithm) in
+//! exact integer arithmetic, an in-memory store that decides in nanoseconds, and standard
+//! `429` responses with `Retry-After` and the IETF `RateLimit` header fields.
+//!
+//! ## Quick start
+//! ```
+//! use std::net::SocketAddr;
+//! use axum::{Router, routing::get};
+//! use tollgate::{Quota, RateLimitLayer, key::ClientIp};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let app = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(RateLimitLayer::new("60/m".parse::<Quota>()?, ClientIp::new()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # if false {
+//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+//! # }
+//! # Ok(()) }
+//! ```
+//!
+//! Requests are identified by a [`KeyExtractor`] (client IP behind trusted proxies, a header,
+//! API key else IP, one global key, or your closure), checked against a [`Quota`] in a
+//! [`Store`], and either passed on with `RateLimit` fields or answered with `429`. Several
+//! layers stack (a global limit plus a stricter one on a route); a request denied by one layer
+//! is never charged by the layers that have not run yet.
+//!
+//! ## Features
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `axum` | yes | reads the peer address from axum's `ConnectInfo<SocketAddr>` |
+//! | `serde` | no | `Deserialize`/`Serialize` for [`Quota`] (`"60/m"` or `{ rate, capacity }`), `Serialize` for [`Stats`] |
+//!
+//! ## Semantics
+//! A quota of `limit` per `period` with `capacity` B has emission interval `T = period / limit`.
+//! A client idle for `B × T` may send B requests at once, then one every `T`. A denied request
+//! charges nothing; a request with cost 0 is a peek; a request whose cost exceeds B can never
+//! pass ([`Outcome::Impossible`]). See `DESIGN.md` §3 for the exact arithmetic and test vectors.
+//!
+//! Minimum supported Rust version: 1.85.
+
+pub mod clock;
+pub mod decision;
+pub mod error;
+mod future;
+mod gcra;
+pub mod headers;
+pub mod key;
+mod layer;
+pub mod quota;
+mod response;
+mod service;
+pub mod store;
+
+pub use clock::{Clock, ManualClock, MonotonicClock};
+pub use decision::{Decision, Outcome};
+pub use error::{ConfigError, QuotaError, StoreError, StoreErrorKind};
+pub use future::ResponseFuture;
+pub use headers::{HeaderStyle, ResetStyle};
+pub use key::{Key, KeyExtractor};
+pub use layer::{Builder, RateLimitLayer, Stats};
+pub use quota::Quota;
+pub use response::{RateLimitBody, RejectionBody};
+pub use service::RateLimit;
+pub use store::memory::{DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
+pub use store::{FailMode, Policy, Store};

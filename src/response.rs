@@ -1,0 +1,192 @@
+//! The response for a limited request: status, `Retry-After`, and a short body, and the
+//! [`RateLimitBody`] that carries either it or the inner service's body.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::headers::{ceil_secs, retry_after_value};
+
+/// What a limited request's body says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RejectionBody {
+    /// `text/plain`: `Too Many Requests: policy "default", retry after 3 s` (the default).
+    #[default]
+    Text,
+    /// `application/json`: `{"error":"rate_limited","policy":"default","retry_after":3}`
+    /// (`retry_after` is `null` for a request that can never pass).
+    Json,
+    /// A fixed body with its content type.
+    Custom {
+        /// The `Content-Type` value.
+        content_type: HeaderValue,
+        /// The body bytes.
+        body: Bytes,
+    },
+    /// No body.
+    Empty,
+}
+
+/// How limited requests are answered.
+#[derive(Debug, Clone)]
+pub(crate) struct Rejection {
+    pub(crate) status: StatusCode,
+    pub(crate) body: RejectionBody,
+}
+
+impl Rejection {
+    /// The response for a denied (`retry = Some`) or impossible (`None`) request.
+    pub(crate) fn response<B>(
+        &self,
+        policy: &str,
+        retry: Option<Duration>,
+    ) -> Response<RateLimitBody<B>> {
+        let (content_type, body) = match &self.body {
+            RejectionBody::Text => {
+                let text = match retry {
+                    Some(r) => format!(
+                        "Too Many Requests: policy \"{policy}\", retry after {} s\n",
+                        ceil_secs(r).max(1)
+                    ),
+                    None => format!(
+                        "Too Many Requests: policy \"{policy}\", this request costs more than the \
+                         policy ever admits at once\n"
+                    ),
+                };
+                (
+                    Some(HeaderValue::from_static("text/plain; charset=utf-8")),
+                    Bytes::from(text),
+                )
+            }
+            RejectionBody::Json => {
+                let retry = match retry {
+                    Some(r) => ceil_secs(r).max(1).to_string(),
+                    None => "null".to_owned(),
+                };
+                let json = format!(
+                    "{{\"error\":\"rate_limited\",\"policy\":\"{policy}\",\"retry_after\":{retry}}}"
+                );
+                (
+                    Some(HeaderValue::from_static("application/json")),
+                    Bytes::from(json),
+                )
+            }
+            RejectionBody::Custom { content_type, body } => {
+                (Some(content_type.clone()), body.clone())
+            }
+            RejectionBody::Empty => (None, Bytes::new()),
+        };
+        let mut res = Response::new(RateLimitBody::rejection(body));
+        *res.status_mut() = self.status;
+        if let Some(ct) = content_type {
+            res.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
+        if let Some(r) = retry {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, retry_after_value(r));
+        }
+        res
+    }
+}
+
+/// `503 Service Unavailable` with `Retry-After: 1`: the store failed and the fail mode is closed.
+pub(crate) fn store_unavailable<B>() -> Response<RateLimitBody<B>> {
+    let mut res = Response::new(RateLimitBody::rejection(Bytes::from_static(
+        b"Service Unavailable: the rate limiter cannot decide right now\n",
+    )));
+    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    res
+}
+
+pin_project! {
+    /// The response body of a rate-limited service: the inner service's body, or the short body
+    /// of a rejection.
+    pub struct RateLimitBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner {
+            #[pin]
+            body: B,
+        },
+        Rejection {
+            body: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> RateLimitBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        Self {
+            kind: Kind::Inner { body },
+        }
+    }
+
+    pub(crate) fn rejection(body: Bytes) -> Self {
+        Self {
+            kind: Kind::Rejection {
+                body: (!body.is_empty()).then_some(body),
+            },
+        }
+    }
+}
+
+impl<B> Body for RateLimitBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Rejection { body } => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Rejection { body } => body.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Rejection { body } => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for RateLimitBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Inner { .. } => f.write_str("RateLimitBody::Inner"),
+            Kind::Rejection { .. } => f.write_str("RateLimitBody::Rejection"),
+        }
+    }
+}

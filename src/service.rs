@@ -1,0 +1,96 @@
+//! [`RateLimit`]: the middleware service. A request is decided in [`RateLimit::call`], which
+//! extracts the key and starts the store's check; [`ResponseFuture`](crate::future::ResponseFuture)
+//! finishes the decision and calls the inner service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use crate::future::ResponseFuture;
+use crate::key::KeyExtractor;
+use crate::layer::Shared;
+use crate::response::RateLimitBody;
+use crate::store::Store;
+
+/// A service rate-limited by a [`RateLimitLayer`](crate::RateLimitLayer).
+///
+/// Limited requests get an `Ok` response (429 by default), so the inner service's error type
+/// is unchanged and axum needs no `HandleErrorLayer`.
+pub struct RateLimit<S, St, K> {
+    inner: S,
+    shared: Arc<Shared<St, K>>,
+}
+
+impl<S, St, K> RateLimit<S, St, K> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<St, K>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone, St, K> Clone for RateLimit<S, St, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, St, K> std::fmt::Debug for RateLimit<S, St, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .field("policy", &self.shared.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St, K, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, St, K>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    St: Store,
+    K: KeyExtractor,
+{
+    type Response = Response<RateLimitBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, St, K, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // The future owns the instance that was polled ready; this one keeps a fresh clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = &self.shared;
+        let (parts, body) = req.into_parts();
+        let key = if shared.skip.as_ref().is_some_and(|skip| skip(&parts)) {
+            None
+        } else {
+            shared.key.extract(&parts)
+        };
+        let Some(key) = key else {
+            shared.count_unlimited();
+            let fut = inner.call(Request::from_parts(parts, body));
+            return ResponseFuture::unlimited(fut, Arc::clone(shared));
+        };
+        let cost = shared.cost.as_ref().map_or(1, |cost| cost(&parts));
+        let check = shared.store.check(&shared.policy, &key, cost);
+        ResponseFuture::checking(
+            check,
+            inner,
+            Request::from_parts(parts, body),
+            key,
+            cost,
+            Arc::clone(shared),
+        )
+    }
+}

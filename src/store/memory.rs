@@ -1,0 +1,378 @@
+//! [`MemoryStore`]: one process's limits in a sharded hash map of atomic timestamps.
+//!
+//! Each (policy, key) maps to one `AtomicU64` holding its TAT in microseconds. A decision takes
+//! a shard read guard and runs a compare-and-swap loop on that one atomic: no mutex, no
+//! allocation for a known key, and a denial writes nothing. Only a new key takes a shard's
+//! write lock, once.
+//!
+//! The map is bounded: past `max_keys` entries, states that are already fresh (their TAT has
+//! passed, so forgetting them changes no decision) are swept, then the entries closest to fresh
+//! are evicted. Expired entries are also swept automatically as new keys arrive (amortised O(1)
+//! per insert), so no cleanup task is needed.
+
+use std::future::{Ready, ready};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+
+use crate::clock::{Clock, MonotonicClock};
+use crate::decision::Decision;
+use crate::error::{ConfigError, StoreError};
+use crate::gcra;
+use crate::key::Key;
+use crate::store::{Policy, Store};
+
+/// The default bound on stored keys.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+/// Fewest new keys between two automatic sweeps.
+const MIN_SWEEP_INTERVAL: usize = 4_096;
+
+/// The longest composed key: name length byte, policy name, key.
+const MAX_COMPOSED: usize = 1 + Policy::MAX_NAME_LEN + Key::MAX_LEN + 1;
+
+/// An in-process store: exact, lock-free on the hot path, bounded in memory.
+///
+/// Clones share one map, so one store can back several layers (each layer's policy name keeps
+/// its keys apart).
+///
+/// ```
+/// use tollgate::{Key, MemoryStore, Policy, Quota};
+///
+/// let store = MemoryStore::new();
+/// let policy = Policy::new("login", Quota::per_minute(5)?)?;
+/// let key = Key::from("user-42");
+/// for left in (0..5).rev() {
+///     assert_eq!(store.check_now(&policy, &key, 1).remaining(), left);
+/// }
+/// assert!(!store.check_now(&policy, &key, 1).is_allowed());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore<C: Clock = MonotonicClock> {
+    inner: Arc<Inner<C>>,
+}
+
+struct Inner<C> {
+    map: DashMap<Box<[u8]>, AtomicU64>,
+    clock: C,
+    max_keys: usize,
+    /// Keys inserted since the last sweep, and the count the map had after it: together an
+    /// upper bound on the map's size that costs no shard locks to read.
+    inserts: AtomicUsize,
+    swept_len: AtomicUsize,
+    sweeping: AtomicBool,
+}
+
+impl<C> std::fmt::Debug for MemoryStore<C>
+where
+    C: Clock,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("keys", &self.inner.map.len())
+            .field("max_keys", &self.inner.max_keys)
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// A store on the monotonic clock, bounded to [`DEFAULT_MAX_KEYS`] keys.
+    pub fn new() -> Self {
+        Self::build(MonotonicClock::new(), DEFAULT_MAX_KEYS)
+    }
+
+    /// A builder for `max_keys` and the clock.
+    pub fn builder() -> MemoryStoreBuilder<MonotonicClock> {
+        MemoryStoreBuilder {
+            clock: MonotonicClock::new(),
+            max_keys: DEFAULT_MAX_KEYS,
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Configures a [`MemoryStore`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct MemoryStoreBuilder<C> {
+    clock: C,
+    max_keys: usize,
+}
+
+impl<C: Clock> MemoryStoreBuilder<C> {
+    /// At most this many keys are kept (default 1,000,000); see the module docs for eviction.
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
+    }
+
+    /// Uses `clock` instead of the monotonic system clock (e.g. a
+    /// [`ManualClock`](crate::ManualClock) in tests).
+    pub fn clock<C2: Clock>(self, clock: C2) -> MemoryStoreBuilder<C2> {
+        MemoryStoreBuilder {
+            clock,
+            max_keys: self.max_keys,
+        }
+    }
+
+    /// The store.
+    ///
+    /// # Errors
+    /// [`ConfigError::ZeroMaxKeys`] when `max_keys` is 0.
+    pub fn build(self) -> Result<MemoryStore<C>, ConfigError> {
+        if self.max_keys == 0 {
+            return Err(ConfigError::ZeroMaxKeys);
+        }
+        Ok(MemoryStore::build(self.clock, self.max_keys))
+    }
+}
+
+impl<C: Clock> MemoryStore<C> {
+    fn build(clock: C, max_keys: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                clock,
+                max_keys,
+                inserts: AtomicUsize::new(0),
+                swept_len: AtomicUsize::new(0),
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Decides now, synchronously. This is what [`Store::check`] does; it cannot fail.
+    #[inline]
+    pub fn check_now(&self, policy: &Policy, key: &Key, cost: u32) -> Decision {
+        let inner = &*self.inner;
+        let now = inner.clock.now_micros();
+        let mut buf = [0u8; MAX_COMPOSED];
+        let composed = compose(&mut buf, policy, key);
+        let quota = policy.quota();
+        if let Some(tat) = inner.map.get(composed) {
+            return charge(&tat, now, quota, cost);
+        }
+        // A new key: decide against empty state first, so that denials and peeks insert nothing.
+        let fresh = gcra::step(0, now, quota, cost);
+        if fresh.write.is_none() {
+            return fresh.decision;
+        }
+        inner.make_room(now);
+        let decision = {
+            let tat = inner
+                .map
+                .entry(composed.into())
+                .or_insert_with(|| AtomicU64::new(0));
+            charge(&tat, now, quota, cost)
+        };
+        inner.after_insert(now);
+        decision
+    }
+
+    /// How many keys are stored (entries for every policy).
+    pub fn len(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    /// No keys are stored.
+    pub fn is_empty(&self) -> bool {
+        self.inner.map.is_empty()
+    }
+
+    /// Forgets one key's state under `policy`.
+    pub fn remove(&self, policy: &Policy, key: &Key) {
+        let mut buf = [0u8; MAX_COMPOSED];
+        self.inner.map.remove(compose(&mut buf, policy, key));
+    }
+
+    /// Removes every state that is already fresh (its TAT has passed). This runs automatically;
+    /// call it only to release memory at a moment of your choosing.
+    pub fn sweep(&self) {
+        let now = self.inner.clock.now_micros();
+        self.inner.sweep(now);
+    }
+}
+
+/// `[name length][name][key]`: injective because the name's length comes first.
+#[inline]
+fn compose<'a>(buf: &'a mut [u8; MAX_COMPOSED], policy: &Policy, key: &Key) -> &'a [u8] {
+    let name = policy.name().as_bytes();
+    let key = key.as_bytes();
+    // Both lengths are bounded by construction (Policy::new, Key::new).
+    let len = 1 + name.len() + key.len();
+    buf[0] = name.len() as u8;
+    buf[1..1 + name.len()].copy_from_slice(name);
+    buf[1 + name.len()..len].copy_from_slice(key);
+    &buf[..len]
+}
+
+/// The compare-and-swap loop on one key's TAT.
+#[inline]
+fn charge(tat: &AtomicU64, now: u64, quota: &crate::Quota, cost: u32) -> Decision {
+    let mut current = tat.load(Ordering::Acquire);
+    loop {
+        let step = gcra::step(current, now, quota, cost);
+        let Some(new_tat) = step.write else {
+            return step.decision;
+        };
+        match tat.compare_exchange_weak(current, new_tat, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return step.decision,
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+impl<C> Inner<C> {
+    fn approx_len(&self) -> usize {
+        self.swept_len.load(Ordering::Relaxed) + self.inserts.load(Ordering::Relaxed)
+    }
+
+    fn make_room(&self, now: u64) {
+        if self.approx_len() >= self.max_keys {
+            self.sweep(now);
+        }
+    }
+
+    fn after_insert(&self, now: u64) {
+        let inserted = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
+        let since = self.swept_len.load(Ordering::Relaxed).max(MIN_SWEEP_INTERVAL);
+        if inserted >= since {
+            self.sweep(now);
+        }
+    }
+
+    /// Drops fresh states; if the map is still full, evicts the entries closest to fresh until
+    /// it is 1/16 below `max_keys`. One sweeper at a time; others carry on meanwhile.
+    fn sweep(&self, now: u64) {
+        if self.sweeping.swap(true, Ordering::Acquire) {
+            return;
+        }
+        self.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
+        let len = self.map.len();
+        if len >= self.max_keys {
+            let target = self.max_keys - self.max_keys / 16 - 1;
+            let excess = len - target.min(len);
+            let mut tats: Vec<u64> = self
+                .map
+                .iter()
+                .map(|e| e.value().load(Ordering::Relaxed))
+                .collect();
+            if excess > 0 && excess <= tats.len() {
+                let (_, threshold, _) = tats.select_nth_unstable(excess - 1);
+                let threshold = *threshold;
+                self.map
+                    .retain(|_, tat| tat.load(Ordering::Relaxed) > threshold);
+            }
+        }
+        self.swept_len.store(self.map.len(), Ordering::Relaxed);
+        self.inserts.store(0, Ordering::Relaxed);
+        self.sweeping.store(false, Ordering::Release);
+    }
+}
+
+impl<C: Clock> Store for MemoryStore<C> {
+    type Future = Ready<Result<Decision, StoreError>>;
+
+    #[inline]
+    fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+        ready(Ok(self.check_now(policy, key, cost)))
+    }
+
+    fn reset(
+        &self,
+        policy: &Policy,
+        key: &Key,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.remove(policy, key);
+        ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, Quota};
+    use std::time::Duration;
+
+    fn store(max_keys: usize) -> (MemoryStore<ManualClock>, ManualClock) {
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_keys(max_keys)
+            .build()
+            .unwrap();
+        (s, clock)
+    }
+
+    #[test]
+    fn denials_and_peeks_insert_nothing() {
+        let (s, _) = store(10);
+        let p = Policy::new("p", Quota::per_second(1).unwrap()).unwrap();
+        assert!(s.check_now(&p, &Key::from("a"), 0).is_allowed());
+        assert_eq!(s.check_now(&p, &Key::from("a"), 2).retry_after(), None);
+        assert_eq!(s.len(), 0);
+        s.check_now(&p, &Key::from("a"), 1);
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn policies_do_not_share_state() {
+        let (s, _) = store(10);
+        let a = Policy::new("a", Quota::per_hour(1).unwrap()).unwrap();
+        let b = Policy::new("b", Quota::per_hour(1).unwrap()).unwrap();
+        let k = Key::from("k");
+        assert!(s.check_now(&a, &k, 1).is_allowed());
+        assert!(s.check_now(&b, &k, 1).is_allowed());
+        assert!(!s.check_now(&a, &k, 1).is_allowed());
+        // "a" + key "bk" must not collide with name "ab" + key "k".
+        let ab = Policy::new("ab", Quota::per_hour(1).unwrap()).unwrap();
+        assert!(s.check_now(&ab, &Key::from("k"), 1).is_allowed());
+        assert!(s.check_now(&a, &Key::from("bk"), 1).is_allowed());
+    }
+
+    #[test]
+    fn eviction_removes_entries_closest_to_fresh_first() {
+        let (s, clock) = store(64);
+        // A quota where each charge adds a long, distinct debt: key i is charged i+1 times.
+        let p = Policy::new("p", "1000/h;capacity=1000".parse().unwrap()).unwrap();
+        for i in 0..64u64 {
+            for _ in 0..=i {
+                s.check_now(&p, &Key::from(i), 1);
+            }
+        }
+        assert_eq!(s.len(), 64);
+        // One more key forces an eviction of the lightest entries.
+        clock.advance(Duration::from_millis(1));
+        s.check_now(&p, &Key::from(1_000u64), 1);
+        assert!(s.len() < 64, "evicted down below max_keys, len {}", s.len());
+        let survivors: Vec<u64> = (0..64u64)
+            .filter(|i| s.check_now(&p, &Key::from(*i), 0).remaining() < 1000)
+            .collect();
+        let evicted = 64 - survivors.len();
+        assert!(evicted >= 4, "evicted a batch, got {evicted}");
+        // Every evicted key had less debt than every surviving one.
+        assert_eq!(survivors, (evicted as u64..64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn expired_entries_are_swept_automatically() {
+        let (s, clock) = store(1_000_000);
+        let p = Policy::new("p", Quota::per_second(10).unwrap()).unwrap();
+        for i in 0..MIN_SWEEP_INTERVAL as u64 {
+            s.check_now(&p, &Key::from(i), 1);
+        }
+        clock.advance(Duration::from_secs(1));
+        // All of those are fresh again; the next batch of inserts triggers a sweep.
+        for i in 0..MIN_SWEEP_INTERVAL as u64 {
+            s.check_now(&p, &Key::from(1_000_000 + i), 1);
+        }
+        assert!(s.len() <= MIN_SWEEP_INTERVAL, "len {}", s.len());
+    }
+}

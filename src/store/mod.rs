@@ -1,0 +1,152 @@
+//! Stores hold the per-client state and decide: the [`Store`] trait, [`Policy`] and [`FailMode`].
+//!
+//! A store keeps one GCRA timestamp per (policy, client key) and answers
+//! [`Store::check`] with a [`Decision`]. Two stores ship with tollgate:
+//! [`MemoryStore`](crate::MemoryStore) for one process, and `RedisStore` (feature `redis`) for
+//! many app servers sharing one limit. Implement the trait to plug in your own.
+
+pub(crate) mod memory;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::decision::Decision;
+use crate::error::{ConfigError, StoreError};
+use crate::key::Key;
+use crate::quota::Quota;
+
+/// A named quota: the unit a store keeps state for. Stores namespace keys by the name, so two
+/// layers sharing one store with different policies never share state.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Policy {
+    name: Arc<str>,
+    quota: Quota,
+}
+
+impl Policy {
+    /// The longest policy name.
+    pub const MAX_NAME_LEN: usize = 64;
+
+    /// A policy called `name` enforcing `quota`.
+    ///
+    /// # Errors
+    /// [`ConfigError::PolicyName`] unless the name is 1 to 64 characters of ASCII letters,
+    /// digits and `-_.:` (it is sent inside `RateLimit` header strings and used in store keys).
+    pub fn new(name: &str, quota: Quota) -> Result<Self, ConfigError> {
+        let valid = !name.is_empty()
+            && name.len() <= Self::MAX_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        if !valid {
+            return Err(ConfigError::PolicyName(name.chars().take(80).collect()));
+        }
+        Ok(Self {
+            name: name.into(),
+            quota,
+        })
+    }
+
+    /// The policy `"default"`, which needs no validation.
+    pub(crate) fn named_default(quota: Quota) -> Self {
+        Self {
+            name: "default".into(),
+            quota,
+        }
+    }
+
+    /// The policy's name, as sent in `RateLimit-Policy`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The quota it enforces.
+    pub fn quota(&self) -> &Quota {
+        &self.quota
+    }
+}
+
+/// Where rate-limit state lives, and where decisions are made.
+///
+/// `check` must be atomic per (policy, key): concurrent checks never admit more than the GCRA
+/// allows, and a denied request changes nothing. The returned future owns everything it needs
+/// (`'static`), so the middleware can hold it without borrowing the store.
+///
+/// A store that cannot decide returns a [`StoreError`]; the layer's [`FailMode`] then decides.
+pub trait Store: Send + Sync + 'static {
+    /// The future returned by [`Store::check`].
+    type Future: Future<Output = Result<Decision, StoreError>> + Send + 'static;
+
+    /// Checks and charges `cost` units for `key` under `policy`. A cost of 0 is a peek: it
+    /// reports the state without changing it.
+    fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future;
+
+    /// Reports `key`'s state under `policy` without charging anything.
+    fn peek(&self, policy: &Policy, key: &Key) -> Self::Future {
+        self.check(policy, key, 0)
+    }
+
+    /// Forgets `key`'s state under `policy`: its next request is treated as a new client's.
+    fn reset(
+        &self,
+        policy: &Policy,
+        key: &Key,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+impl<S: Store> Store for Arc<S> {
+    type Future = S::Future;
+
+    fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+        (**self).check(policy, key, cost)
+    }
+
+    fn peek(&self, policy: &Policy, key: &Key) -> Self::Future {
+        (**self).peek(policy, key)
+    }
+
+    fn reset(
+        &self,
+        policy: &Policy,
+        key: &Key,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).reset(policy, key)
+    }
+}
+
+/// What the layer does when its store fails (cannot be reached, times out, answers garbage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum FailMode {
+    /// Let the request through, and log a warning (at most one a second). The default: a
+    /// limiter outage never takes the app down.
+    #[default]
+    Open,
+    /// Answer `503 Service Unavailable` with `Retry-After: 1`.
+    Closed,
+    /// Decide with a local in-memory limiter enforcing the quota divided by `divisor` (set it to
+    /// the number of app servers sharing the store, so that together they stay near the quota).
+    Fallback {
+        /// How many app servers share the quota; each enforces `limit / divisor` locally.
+        divisor: u32,
+    },
+}
+
+impl std::str::FromStr for FailMode {
+    type Err = ConfigError;
+
+    /// Parses `open`, `closed`, `fallback` (divisor 1) or `fallback/N`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(Self::Open),
+            "closed" => Ok(Self::Closed),
+            "fallback" => Ok(Self::Fallback { divisor: 1 }),
+            other => match other.strip_prefix("fallback/").map(str::parse::<u32>) {
+                Some(Ok(divisor)) if divisor > 0 => Ok(Self::Fallback { divisor }),
+                _ => Err(ConfigError::Invalid(format!(
+                    "fail mode {other:?} is not one of open, closed, fallback, fallback/N (N >= 1)"
+                ))),
+            },
+        }
+    }
+}
