@@ -39,7 +39,7 @@
 //! charges nothing; a request with cost 0 is a peek; a request whose cost exceeds B can never
 //! pass ([`Outcome::Impossible`]). See `DESIGN.md` §3 for the exact arithmetic and test vectors.
 //!
-//! Minimum supported Rust version: 1.85.
+//! Minimum supported Rust version: 1.88.
 
 pub mod clock;
 pub mod decision;
