@@ -6,6 +6,8 @@
 //! many app servers sharing one limit. Implement the trait to plug in your own.
 
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,0 +1,1 @@
+//! `RedisStore` (feature `redis`): one limit shared by every app server. Work in progress.
