@@ -24,34 +24,30 @@ if not now then
 end
 local tolerance = t * b
 
--- floor(x / t) for integers 0 <= x < 2^53, exact even where the double quotient rounds up.
-local function units(x)
-  local q = math.floor(x / t)
-  if q * t > x then
-    q = q - 1
-  elseif (q + 1) * t <= x then
-    q = q + 1
-  end
-  return q
-end
-
+-- Divisions: for integers 0 <= x, 1 <= d with x + d < 2^53 (here <= 2 * 100 years in us), the
+-- double quotient x / d is within half an ulp of the true one and cannot round across an
+-- integer, so math.floor(x / d) is the exact integer quotient.
 local tat = tonumber(redis.call('GET', KEYS[1])) or 0
 if tat < now then
   tat = now
 end
 local used = tat - now
 if n > b then
-  return {2, units(tolerance - used), used, 0}
+  local left = tolerance - used
+  if left < 0 then
+    left = 0
+  end
+  return {2, math.floor(left / t), used, 0}
 end
 local new_used = used + n * t
 if new_used <= tolerance then
   if n > 0 then
-    local ttl = math.floor(new_used / 1000)
-    if ttl * 1000 < new_used then
-      ttl = ttl + 1
-    end
-    redis.call('SET', KEYS[1], tat + n * t, 'PX', ttl)
+    redis.call('SET', KEYS[1], tat + n * t, 'PX', math.floor((new_used + 999) / 1000))
   end
-  return {0, units(tolerance - new_used), new_used, 0}
+  return {0, math.floor((tolerance - new_used) / t), new_used, 0}
 end
-return {1, units(tolerance - used), used, new_used - tolerance}
+local left = tolerance - used
+if left < 0 then
+  left = 0
+end
+return {1, math.floor(left / t), used, new_used - tolerance}

@@ -1,1 +1,0 @@
-//! `RedisStore` (feature `redis`): one limit shared by every app server. Work in progress.

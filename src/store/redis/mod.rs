@@ -1,0 +1,552 @@
+#![doc = include_str!("../../../docs/redis.md")]
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use axum::{Router, routing::get};
+//! use tollgate::{FailMode, Quota, RateLimitLayer, key::ClientIp, store::redis::RedisStore};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // Succeeds even while Redis is down: the fail mode then decides until it is back.
+//! let store = RedisStore::builder("redis://127.0.0.1:6380")
+//!     .prefix("myapp")
+//!     .command_timeout(Duration::from_millis(50))
+//!     .build()
+//!     .await?;
+//! let layer = RateLimitLayer::builder(Quota::per_minute(60)?)
+//!     .key(ClientIp::new())
+//!     .store(store)
+//!     .fail_mode(FailMode::Open)
+//!     .build()?;
+//! let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(layer);
+//! # let _ = app;
+//! # Ok(()) }
+//! ```
+
+mod errors;
+mod keys;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
+
+pub use errors::RedisConfigError;
+
+use crate::decision::{Decision, Outcome};
+use crate::error::StoreError;
+use crate::key::Key;
+use crate::quota::Quota;
+use crate::store::{Policy, Store};
+
+/// The GCRA script, one source of truth with `lua/gcra.lua`.
+const GCRA_LUA: &str = include_str!("../../../lua/gcra.lua");
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "tollgate";
+
+/// The default per-command timeout: no decision waits longer for Redis.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The default timeout of one connection attempt (made in the background; requests never wait
+/// longer than the command timeout for it).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The future of [`RedisStore`]'s [`Store::check`]: boxed, `Send`, `'static`.
+pub type RedisFuture = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send + 'static>>;
+
+/// A [`Store`] in Redis: one limit shared by every app server that uses the same Redis (or
+/// Redis Cluster) and prefix. See the [module docs](self) for the semantics.
+///
+/// Cheap to clone: clones share one connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Backend,
+    prefix: Box<str>,
+    command_timeout: Duration,
+    script: redis::Script,
+    /// `SCRIPT LOAD <gcra.lua>`, built once.
+    load: Cmd,
+}
+
+enum Backend {
+    Manager(ConnectionManager),
+    Pool(deadpool_redis::Pool),
+    #[cfg(feature = "redis-cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Manager(_) => "connection manager",
+            Self::Pool(_) => "deadpool pool",
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(_) => "cluster",
+        }
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("backend", &self.inner.backend.name())
+            .field("prefix", &self.inner.prefix)
+            .field("command_timeout", &self.inner.command_timeout)
+            .finish()
+    }
+}
+
+enum Source {
+    Url(String),
+    Pool(deadpool_redis::Pool),
+    #[cfg(feature = "redis-cluster")]
+    Cluster(Vec<String>),
+}
+
+/// Configures a [`RedisStore`]; made by [`RedisStore::builder`], [`RedisStore::from_pool`] or
+/// `RedisStore::cluster_builder` (feature `redis-cluster`).
+#[must_use]
+pub struct RedisStoreBuilder {
+    source: Source,
+    prefix: String,
+    command_timeout: Duration,
+    connect_timeout: Duration,
+    require_connection: bool,
+}
+
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = match &self.source {
+            Source::Url(_) => "url",
+            Source::Pool(_) => "pool",
+            #[cfg(feature = "redis-cluster")]
+            Source::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisStoreBuilder")
+            .field("source", &source)
+            .field("prefix", &self.prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("require_connection", &self.require_connection)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// A builder for a store on one Redis server at `url` (`redis://host:port[/db]`,
+    /// `rediss://` needs the redis crate's TLS features). The store keeps one multiplexed,
+    /// automatically reconnecting connection (redis-rs `ConnectionManager`), the faster of the
+    /// two options measured (see the module docs).
+    pub fn builder(url: &str) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Source::Url(url.to_owned()))
+    }
+
+    /// A builder for a store on connections from an existing `deadpool-redis` pool, for apps
+    /// that already hold one. Each decision checks a connection out of the pool, which costs
+    /// deadpool's recycle check (a `PING` round trip) on top of the script; prefer
+    /// [`RedisStore::builder`] when you have the choice. The pool's own timeouts apply too, but
+    /// the command timeout bounds the whole decision either way.
+    pub fn from_pool(pool: deadpool_redis::Pool) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Source::Pool(pool))
+    }
+
+    /// A builder for a store on a Redis Cluster reached through any of `nodes` (URLs like
+    /// `redis://10.0.0.1:7000`). Every client's keys carry the same hash tag, so each decision
+    /// touches one slot on one primary.
+    #[cfg(feature = "redis-cluster")]
+    pub fn cluster_builder<S: AsRef<str>>(nodes: impl IntoIterator<Item = S>) -> RedisStoreBuilder {
+        let nodes = nodes.into_iter().map(|s| s.as_ref().to_owned()).collect();
+        RedisStoreBuilder::new(Source::Cluster(nodes))
+    }
+
+    /// The Redis key that holds `key`'s state under `policy`:
+    /// `<prefix>:{<base64url SHA-256 of the key>}:<policy>`. For operators (`PTTL`, `DEL`).
+    pub fn redis_key(&self, policy: &Policy, key: &Key) -> Vec<u8> {
+        keys::state_key(&self.inner.prefix, policy, key)
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The per-command timeout.
+    pub fn command_timeout(&self) -> Duration {
+        self.inner.command_timeout
+    }
+
+    /// Reports `key`'s state under `policy` (remaining requests, time until fully reset) without
+    /// charging anything; the same as [`Store::peek`].
+    ///
+    /// # Errors
+    /// A [`StoreError`] when Redis fails or does not answer within the command timeout.
+    pub async fn inspect(&self, policy: &Policy, key: &Key) -> Result<Decision, StoreError> {
+        self.check(policy, key, 0).await
+    }
+
+    /// **For tests only.** Decides as [`Store::check`] does, but with `now` (microseconds on
+    /// any epoch) sent to the script instead of the Redis server's `TIME`. Production code must
+    /// never call it: mixing injected and real time on one key gives meaningless results. It
+    /// exists so that the shared GCRA vectors can be replayed at chosen instants.
+    ///
+    /// # Errors
+    /// As [`RedisStore::inspect`].
+    pub async fn check_at(
+        &self,
+        policy: &Policy,
+        key: &Key,
+        cost: u32,
+        now_micros: u64,
+    ) -> Result<Decision, StoreError> {
+        let cmd = self.inner.eval_cmd(policy, key, cost, Some(now_micros));
+        self.inner.decide(cmd, *policy.quota()).await
+    }
+
+    /// Loads the script into Redis (every primary, in a cluster) ahead of the first decision.
+    /// `build` does this already; call it after a planned `SCRIPT FLUSH` to spare the first
+    /// request the reload round trips (which are transparent either way).
+    ///
+    /// # Errors
+    /// A [`StoreError`] when Redis fails or does not answer within the command timeout.
+    pub async fn load_script(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        inner.timed(inner.run(&inner.load)).await.map(drop)
+    }
+}
+
+impl RedisStoreBuilder {
+    fn new(source: Source) -> Self {
+        Self {
+            source,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            require_connection: false,
+        }
+    }
+
+    /// The first part of every key (default `"tollgate"`): 1 to 64 printable ASCII characters
+    /// without spaces or braces. App servers that share limits must use the same prefix.
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        prefix.clone_into(&mut self.prefix);
+        self
+    }
+
+    /// The longest a decision may take, connection wait, script reload and reply included
+    /// (default 50 ms). Past it the decision fails with [`StoreErrorKind::Timeout`] and the
+    /// layer's fail mode applies.
+    ///
+    /// [`StoreErrorKind::Timeout`]: crate::StoreErrorKind::Timeout
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// The longest one connection attempt may take (default 1 s). Connections are made in the
+    /// background; requests never wait longer than the command timeout for one.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// When on, [`build`](Self::build) fails if Redis cannot be reached (and the script loaded)
+    /// within the connect timeout. Off by default: the store starts during a Redis outage,
+    /// decisions fail fast meanwhile, the layer's fail mode applies, and the store recovers by
+    /// itself when Redis is back.
+    pub fn require_connection(mut self, on: bool) -> Self {
+        self.require_connection = on;
+        self
+    }
+
+    /// The store. Needs a Tokio runtime (it spawns the reconnecting connection's tasks).
+    ///
+    /// # Errors
+    /// [`RedisConfigError`] for an invalid URL, prefix or zero timeout; and, only with
+    /// [`require_connection`](Self::require_connection), when Redis cannot be reached.
+    pub async fn build(self) -> Result<RedisStore, RedisConfigError> {
+        keys::check_prefix(&self.prefix).map_err(RedisConfigError::Prefix)?;
+        for (which, value) in [
+            ("command", self.command_timeout),
+            ("connect", self.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(RedisConfigError::ZeroTimeout { which, value });
+            }
+        }
+        let backend = match self.source {
+            Source::Url(url) => {
+                let client =
+                    redis::Client::open(url.as_str()).map_err(|source| RedisConfigError::Url {
+                        source,
+                    })?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.command_timeout))
+                    .set_min_delay(Duration::from_millis(10))
+                    .set_max_delay(Duration::from_millis(100))
+                    .set_number_of_retries(6);
+                let manager = ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|source| RedisConfigError::Url { source })?;
+                Backend::Manager(manager)
+            }
+            Source::Pool(pool) => Backend::Pool(pool),
+            #[cfg(feature = "redis-cluster")]
+            Source::Cluster(nodes) => {
+                if nodes.is_empty() {
+                    return Err(RedisConfigError::NoClusterNodes);
+                }
+                let client = redis::cluster::ClusterClient::builder(nodes)
+                    .connection_timeout(self.connect_timeout)
+                    .response_timeout(self.command_timeout)
+                    .retries(3)
+                    .min_retry_wait(5)
+                    .max_retry_wait(50)
+                    .build()
+                    .map_err(|source| RedisConfigError::Url { source })?;
+                let config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(self.connect_timeout)
+                    .set_response_timeout(self.command_timeout);
+                Backend::Cluster(client.get_pending_async_connection_with_config(config))
+            }
+        };
+        let store = RedisStore {
+            inner: Arc::new(Inner {
+                backend,
+                prefix: self.prefix.into(),
+                command_timeout: self.command_timeout,
+                script: redis::Script::new(GCRA_LUA),
+                load: script_load_cmd(),
+            }),
+        };
+        let inner = &store.inner;
+        let warm = tokio::time::timeout(self.connect_timeout, inner.run(&inner.load)).await;
+        let failure = match warm {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(errors::timeout(self.connect_timeout)),
+        };
+        if let Some(e) = failure {
+            if self.require_connection {
+                return Err(RedisConfigError::Connect { source: e });
+            }
+            tracing::warn!(
+                target: "tollgate::store",
+                error = %e,
+                "Redis is not reachable at startup; decisions fail (and the fail mode applies) \
+                 until it is"
+            );
+        }
+        Ok(store)
+    }
+}
+
+impl Inner {
+    fn eval_cmd(&self, policy: &Policy, key: &Key, cost: u32, now: Option<u64>) -> Cmd {
+        let quota = policy.quota();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash())
+            .arg(1)
+            .arg(keys::state_key(&self.prefix, policy, key))
+            .arg(quota.interval_micros())
+            .arg(quota.capacity())
+            .arg(cost);
+        if let Some(now) = now {
+            cmd.arg(now);
+        }
+        cmd
+    }
+
+    /// Bounds `fut` by the command timeout.
+    async fn timed<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.command_timeout, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(errors::timeout(self.command_timeout)),
+        }
+    }
+
+    /// One command on whichever backend.
+    async fn run(&self, cmd: &Cmd) -> Result<Value, StoreError> {
+        match &self.backend {
+            Backend::Manager(m) => query(&mut m.clone(), cmd, None).await,
+            Backend::Pool(p) => {
+                let mut conn = p.get().await.map_err(errors::pool_error)?;
+                query(&mut conn, cmd, None).await
+            }
+            #[cfg(feature = "redis-cluster")]
+            Backend::Cluster(c) => query(&mut c.clone(), cmd, None).await,
+        }
+    }
+
+    /// The script, reloaded once on `NOSCRIPT` (which means it did not run).
+    async fn eval(&self, cmd: &Cmd) -> Result<Value, StoreError> {
+        let load = Some(&self.load);
+        match &self.backend {
+            Backend::Manager(m) => query(&mut m.clone(), cmd, load).await,
+            Backend::Pool(p) => {
+                let mut conn = p.get().await.map_err(errors::pool_error)?;
+                query(&mut conn, cmd, load).await
+            }
+            #[cfg(feature = "redis-cluster")]
+            Backend::Cluster(c) => query(&mut c.clone(), cmd, load).await,
+        }
+    }
+
+    async fn decide(&self, cmd: Cmd, quota: Quota) -> Result<Decision, StoreError> {
+        let reply = self.timed(self.eval(&cmd)).await?;
+        decision(&reply, &quota)
+    }
+
+    async fn del(&self, key: Vec<u8>) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(key);
+        self.timed(self.run(&cmd)).await.map(drop)
+    }
+}
+
+fn script_load_cmd() -> Cmd {
+    let mut cmd = redis::cmd("SCRIPT");
+    cmd.arg("LOAD").arg(GCRA_LUA);
+    cmd
+}
+
+fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// Sends `cmd`; with `reload`, answers `NOSCRIPT` by loading the script and sending it again.
+async fn query<C: ConnectionLike>(
+    conn: &mut C,
+    cmd: &Cmd,
+    reload: Option<&Cmd>,
+) -> Result<Value, StoreError> {
+    match (conn.req_packed_command(cmd).await, reload) {
+        (Err(e), Some(load)) if is_noscript(&e) => {
+            conn.req_packed_command(load)
+                .await
+                .map_err(errors::store_error)?;
+            conn.req_packed_command(cmd)
+                .await
+                .map_err(errors::store_error)
+        }
+        (Err(e), _) => Err(errors::store_error(e)),
+        (Ok(Value::ServerError(e)), _) => Err(errors::store_error(e.into())),
+        (Ok(v), _) => Ok(v),
+    }
+}
+
+/// The script's reply `{outcome, remaining, used, retry}` as a decision.
+fn decision(reply: &Value, quota: &Quota) -> Result<Decision, StoreError> {
+    let bad = || errors::unexpected(format!("the rate-limit script answered {reply:?}"));
+    let Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    let mut ints = [0u64; 4];
+    if items.len() != ints.len() {
+        return Err(bad());
+    }
+    for (slot, item) in ints.iter_mut().zip(items) {
+        match item {
+            Value::Int(i) => *slot = u64::try_from(*i).map_err(|_| bad())?,
+            _ => return Err(bad()),
+        }
+    }
+    let [outcome, remaining, used, retry] = ints;
+    let outcome = match outcome {
+        0 => Outcome::Allowed,
+        1 if retry > 0 => Outcome::Denied,
+        2 => Outcome::Impossible,
+        _ => return Err(bad()),
+    };
+    let t = quota.interval_micros();
+    let b = u64::from(quota.capacity());
+    let remaining = remaining.min(b);
+    let next = if remaining >= b {
+        0
+    } else {
+        used.saturating_sub((b - remaining - 1).saturating_mul(t))
+    };
+    Ok(Decision {
+        outcome,
+        capacity: quota.capacity(),
+        remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+        reset_after: Duration::from_micros(used),
+        retry_after: (outcome == Outcome::Denied).then(|| Duration::from_micros(retry)),
+        next_available: Duration::from_micros(next),
+        degraded: false,
+    })
+}
+
+impl Store for RedisStore {
+    type Future = RedisFuture;
+
+    fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+        let cmd = self.inner.eval_cmd(policy, key, cost, None);
+        let quota = *policy.quota();
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move { inner.decide(cmd, quota).await })
+    }
+
+    fn reset(
+        &self,
+        policy: &Policy,
+        key: &Key,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let redis_key = self.redis_key(policy, key);
+        let inner = Arc::clone(&self.inner);
+        async move { inner.del(redis_key).await }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quota(s: &str) -> Quota {
+        s.parse().unwrap()
+    }
+
+    fn reply(v: [i64; 4]) -> Value {
+        Value::Array(v.iter().map(|i| Value::Int(*i)).collect())
+    }
+
+    #[test]
+    fn replies_become_decisions_like_the_memory_store() {
+        let q = quota("5/5s");
+        let want = crate::gcra::step(0, 1_000_000, &q, 1).decision;
+        let got = decision(&reply([0, 4, 1_000_000, 0]), &q).unwrap();
+        assert_eq!(got, want);
+        let d = decision(&reply([1, 0, 5_000_000, 1_000_000]), &q).unwrap();
+        assert_eq!(d.retry_after(), Some(Duration::from_secs(1)));
+        assert_eq!(d.next_available(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn malformed_replies_are_unexpected() {
+        let q = quota("5/5s");
+        for v in [
+            Value::Nil,
+            Value::Int(1),
+            reply([3, 0, 0, 0]),
+            reply([0, -1, 0, 0]),
+            reply([1, 0, 0, 0]),
+            Value::Array(vec![Value::Int(0)]),
+            Value::Array(vec![Value::Nil; 4]),
+        ] {
+            let e = decision(&v, &q).unwrap_err();
+            assert_eq!(e.kind(), crate::StoreErrorKind::UnexpectedReply, "{v:?}");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Starts the built `examples/demo` binary as a child process and stops it by pid.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The demo binary cargo built for this test run (examples are built before tests run).
+pub fn demo_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/examples/demo
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile> directory");
+    let bin = profile_dir.join("examples").join("demo");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test` (which builds examples) or \
+         `cargo build --example demo` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A running demo server; killed on drop.
+pub struct Demo {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub banner: String,
+}
+
+impl Demo {
+    /// Starts the demo with `args` (plus `--listen 127.0.0.1:0`) and waits for its banner.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(demo_binary())
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the demo");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let banner = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("demo output");
+                panic!(
+                    "the demo printed no banner within 30 s; stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        };
+        let addr = banner
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in the banner {banner:?}"));
+        Self {
+            child,
+            addr,
+            banner,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits (at most 10 s) for a clean exit; returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        for _ in 0..100 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the demo did not exit within 10 s of SIGTERM");
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

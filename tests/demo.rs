@@ -1,0 +1,106 @@
+//! The demo binary, black-box over HTTP, as a user runs it (DESIGN §7).
+
+mod common;
+
+use common::demo::{Demo, demo_binary};
+
+fn get(url: &str) -> reqwest::blocking::Response {
+    reqwest::blocking::Client::new().get(url).send().unwrap()
+}
+
+#[test]
+fn demo_limits_after_capacity_and_serves_every_route() {
+    let demo = Demo::start(&["--rate", "3/m", "--admin-token", "s3cret"]);
+    assert!(demo.banner.contains("store: memory"), "{}", demo.banner);
+    // /api/quota peeks: it never consumes.
+    for _ in 0..5 {
+        let res = get(&demo.url("/api/quota"));
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["ratelimit"], "\"default\";r=3;t=0");
+    }
+    for left in [2, 1, 0] {
+        let res = get(&demo.url("/api/hello"));
+        assert_eq!(res.status(), 200);
+        assert_eq!(
+            res.headers()["ratelimit"],
+            format!("\"default\";r={left};t=20").as_str()
+        );
+    }
+    let res = get(&demo.url("/api/hello"));
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["retry-after"], "20");
+    assert_eq!(res.headers()["ratelimit-policy"], "\"default\";q=3;w=60");
+    // Other clients (another API key) are not affected; /healthz is never limited.
+    let res = reqwest::blocking::Client::new()
+        .get(demo.url("/api/hello"))
+        .header("x-api-key", "someone-else")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    for _ in 0..5 {
+        let res = get(&demo.url("/healthz"));
+        assert_eq!(res.status(), 200);
+        assert!(res.headers().get("ratelimit").is_none());
+    }
+    // Admin needs the token; with it, stats and reset work.
+    assert_eq!(get(&demo.url("/admin/stats")).status(), 401);
+    let admin = reqwest::blocking::Client::new();
+    let stats: serde_json::Value = admin
+        .get(demo.url("/admin/stats"))
+        .bearer_auth("s3cret")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(stats["store"], "memory");
+    assert_eq!(stats["policies"]["default"]["denied"], 1);
+    let res = admin
+        .post(demo.url("/admin/reset/ip:127.0.0.1"))
+        .bearer_auth("s3cret")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(get(&demo.url("/api/hello")).status(), 200);
+    // /api/expensive: both policies, both reported.
+    let res = reqwest::blocking::Client::new()
+        .get(demo.url("/api/expensive"))
+        .header("x-api-key", "k")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["ratelimit-policy"],
+        "\"default\";q=3;w=60, \"expensive\";q=5;w=60"
+    );
+    let status = demo.terminate();
+    assert!(status.success(), "clean exit on SIGTERM, got {status}");
+}
+
+#[test]
+fn admin_routes_are_404_without_a_token() {
+    let demo = Demo::start(&["--key", "ip", "--headers", "legacy"]);
+    assert_eq!(get(&demo.url("/admin/stats")).status(), 404);
+    let res = get(&demo.url("/api/hello"));
+    assert_eq!(res.headers()["x-ratelimit-limit"], "60");
+    assert!(res.headers().get("ratelimit").is_none());
+}
+
+#[test]
+fn bad_flags_exit_2_with_a_message() {
+    for args in [
+        &["--rate", "0/s"][..],
+        &["--key", "fingerprint"],
+        &["--fail-mode", "sometimes"],
+        &["--trusted-proxy", "10.0.0.0/99"],
+        &["--no-such-flag"],
+        &["--rate"],
+    ] {
+        let out = std::process::Command::new(demo_binary())
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    }
+}
