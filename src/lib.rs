@@ -65,4 +65,6 @@ pub use quota::Quota;
 pub use response::{RateLimitBody, RejectionBody};
 pub use service::RateLimit;
 pub use store::memory::{DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redis")]
+pub use store::redis::RedisStore;
 pub use store::{FailMode, Policy, Store};

@@ -1,5 +1,6 @@
 //! Shared test support.
 #![allow(dead_code, unreachable_pub)]
 
-pub mod vectors;
 pub mod demo;
+pub mod redis;
+pub mod vectors;

@@ -136,8 +136,14 @@ mod tests {
 
     #[test]
     fn server_codes_map_to_kinds() {
-        assert_eq!(kind_of(&server("BUSY", "Redis is busy")), StoreErrorKind::Busy);
-        assert_eq!(kind_of(&server("OOM", "command not allowed")), StoreErrorKind::OutOfMemory);
+        assert_eq!(
+            kind_of(&server("BUSY", "Redis is busy")),
+            StoreErrorKind::Busy
+        );
+        assert_eq!(
+            kind_of(&server("OOM", "command not allowed")),
+            StoreErrorKind::OutOfMemory
+        );
         assert_eq!(kind_of(&server("WEIRD", "x")), StoreErrorKind::Server);
         let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert_eq!(kind_of(&io), StoreErrorKind::Connection);

@@ -46,7 +46,12 @@ pub(super) fn tag(key: &Key) -> [u8; TAG_LEN] {
         let b0 = chunk[0];
         let b1 = chunk.get(1).copied().unwrap_or(0);
         let b2 = chunk.get(2).copied().unwrap_or(0);
-        let sextets = [b0 >> 2, (b0 & 3) << 4 | b1 >> 4, (b1 & 15) << 2 | b2 >> 6, b2 & 63];
+        let sextets = [
+            b0 >> 2,
+            (b0 & 3) << 4 | b1 >> 4,
+            (b1 & 15) << 2 | b2 >> 6,
+            b2 & 63,
+        ];
         // A 3-byte chunk gives 4 characters, the final 2-byte chunk 3.
         for s in sextets.iter().take(chunk.len() + 1) {
             out[o] = ALPHABET[usize::from(*s)];

@@ -47,6 +47,10 @@ use crate::store::{Policy, Store};
 /// The GCRA script, one source of truth with `lua/gcra.lua`.
 const GCRA_LUA: &str = include_str!("../../../lua/gcra.lua");
 
+/// The longest Redis key the store writes: prefix (at most 64 bytes), `:{`, the 43-byte tag,
+/// `}:`, policy name (at most 64 bytes).
+pub const MAX_KEY_LEN: usize = keys::MAX_KEY_LEN;
+
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "tollgate";
 
@@ -285,10 +289,8 @@ impl RedisStoreBuilder {
         }
         let backend = match self.source {
             Source::Url(url) => {
-                let client =
-                    redis::Client::open(url.as_str()).map_err(|source| RedisConfigError::Url {
-                        source,
-                    })?;
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|source| RedisConfigError::Url { source })?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.connect_timeout))
                     .set_response_timeout(Some(self.command_timeout))
@@ -432,18 +434,20 @@ async fn query<C: ConnectionLike>(
     cmd: &Cmd,
     reload: Option<&Cmd>,
 ) -> Result<Value, StoreError> {
-    match (conn.req_packed_command(cmd).await, reload) {
+    match (send(conn, cmd).await, reload) {
         (Err(e), Some(load)) if is_noscript(&e) => {
-            conn.req_packed_command(load)
-                .await
-                .map_err(errors::store_error)?;
-            conn.req_packed_command(cmd)
-                .await
-                .map_err(errors::store_error)
+            send(conn, load).await.map_err(errors::store_error)?;
+            send(conn, cmd).await.map_err(errors::store_error)
         }
-        (Err(e), _) => Err(errors::store_error(e)),
-        (Ok(Value::ServerError(e)), _) => Err(errors::store_error(e.into())),
-        (Ok(v), _) => Ok(v),
+        (result, _) => result.map_err(errors::store_error),
+    }
+}
+
+/// One command; an error reply becomes an `Err`.
+async fn send<C: ConnectionLike>(conn: &mut C, cmd: &Cmd) -> Result<Value, RedisError> {
+    match conn.req_packed_command(cmd).await? {
+        Value::ServerError(e) => Err(e.into()),
+        v => Ok(v),
     }
 }
 
