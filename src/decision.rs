@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::quota::Quota;
+
 /// Whether a request may pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -31,16 +33,34 @@ pub enum Outcome {
 /// (the most specific limit, usually a route's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Decision {
-    pub(crate) outcome: Outcome,
-    pub(crate) capacity: u32,
-    pub(crate) remaining: u32,
-    pub(crate) reset_after: Duration,
-    pub(crate) retry_after: Option<Duration>,
-    pub(crate) next_available: Duration,
+    // The raw GCRA quantities, in microseconds; everything else is derived on access, so a
+    // caller that only needs `is_allowed` pays for no division.
+    outcome: Outcome,
     pub(crate) degraded: bool,
+    capacity: u32,
+    /// `T`, at least 1.
+    interval: u64,
+    /// Time until the state is fresh (`reset_after`).
+    used: u64,
+    /// For a denial: time until the same request would pass.
+    retry: u64,
 }
 
 impl Decision {
+    /// A decision from the GCRA quantities: `used` is the reset_after and `retry` the
+    /// retry_after (ignored unless denied), both in microseconds.
+    #[inline]
+    pub(crate) fn new(outcome: Outcome, quota: &Quota, used: u64, retry: u64) -> Self {
+        Self {
+            outcome,
+            degraded: false,
+            capacity: quota.capacity(),
+            interval: quota.interval_micros(),
+            used,
+            retry,
+        }
+    }
+
     /// Allowed, denied or impossible.
     pub const fn outcome(&self) -> Outcome {
         self.outcome
@@ -57,43 +77,51 @@ impl Decision {
     }
 
     /// Requests of cost 1 that could still pass right now.
-    pub const fn remaining(&self) -> u32 {
-        self.remaining
+    pub fn remaining(&self) -> u32 {
+        let b = u64::from(self.capacity);
+        let tolerance = self.interval.saturating_mul(b);
+        let remaining = (tolerance.saturating_sub(self.used) / self.interval.max(1)).min(b);
+        // At most `capacity`, a u32.
+        remaining as u32
     }
 
     /// Time until the client's state is as fresh as a new client's (full capacity again).
     pub const fn reset_after(&self) -> Duration {
-        self.reset_after
+        Duration::from_micros(self.used)
     }
 
     /// For a denied request: how long until the same request would pass. `None` when allowed
     /// and when the request can never pass.
     pub const fn retry_after(&self) -> Option<Duration> {
-        self.retry_after
+        match self.outcome {
+            Outcome::Denied => Some(Duration::from_micros(self.retry)),
+            _ => None,
+        }
     }
 
     /// Time until one more request of cost 1 becomes available (zero when at full capacity).
     /// This is the `t` parameter of the IETF `RateLimit` field.
-    pub const fn next_available(&self) -> Duration {
-        self.next_available
+    pub fn next_available(&self) -> Duration {
+        let b = u64::from(self.capacity);
+        let remaining = u64::from(self.remaining());
+        if remaining >= b {
+            return Duration::ZERO;
+        }
+        let later = (b - remaining - 1).saturating_mul(self.interval);
+        Duration::from_micros(self.used.saturating_sub(later))
     }
 
-    /// The decision was made by a fallback limiter because the shared store failed, or is a
-    /// fail-open / fail-closed verdict without any store.
+    /// The decision was made without the shared store: by a fallback limiter because the store
+    /// failed, or as a fail-open verdict.
     pub const fn is_degraded(&self) -> bool {
         self.degraded
     }
 
     /// An allow-everything decision used when the store fails in [`FailMode::Open`](crate::FailMode).
-    pub(crate) fn fail_open(capacity: u32) -> Self {
+    pub(crate) fn fail_open(quota: &Quota) -> Self {
         Self {
-            outcome: Outcome::Allowed,
-            capacity,
-            remaining: capacity,
-            reset_after: Duration::ZERO,
-            retry_after: None,
-            next_available: Duration::ZERO,
             degraded: true,
+            ..Self::new(Outcome::Allowed, quota, 0, 0)
         }
     }
 }

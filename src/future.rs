@@ -165,12 +165,7 @@ impl<St, K> Shared<St, K> {
         self.counters.unlimited.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn verdict<B>(
-        &self,
-        result: Result<Decision, StoreError>,
-        key: &Key,
-        cost: u32,
-    ) -> Verdict<B> {
+    fn verdict<B>(&self, result: Result<Decision, StoreError>, key: &Key, cost: u32) -> Verdict<B> {
         let decision = match result {
             Ok(decision) => decision,
             Err(error) => {
@@ -186,7 +181,7 @@ impl<St, K> Shared<St, K> {
                     }
                     _ => {
                         self.counters.allowed.fetch_add(1, Ordering::Relaxed);
-                        let decision = Decision::fail_open(self.policy.quota().capacity());
+                        let decision = Decision::fail_open(self.policy.quota());
                         return Verdict::Pass {
                             decision,
                             headers: false,

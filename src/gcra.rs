@@ -6,8 +6,6 @@
 //! or admit more than the quota allows. The Redis script in `lua/` mirrors this function line
 //! by line; the shared test table checks that both agree.
 
-use std::time::Duration;
-
 use crate::decision::{Decision, Outcome};
 use crate::quota::Quota;
 
@@ -20,48 +18,32 @@ pub(crate) struct Step {
 }
 
 /// One GCRA decision for `cost` units at `now`, against the stored TAT (`0` = none).
+#[inline]
 pub(crate) fn step(stored: u64, now: u64, quota: &Quota, cost: u32) -> Step {
     let t = quota.interval_micros();
     let b = u64::from(quota.capacity());
-    let tolerance = t.saturating_mul(b);
+    // Both at most 100 years in µs (Quota validates), so these products cannot overflow.
+    let tolerance = t * b;
     let n = u64::from(cost);
     let tat = stored.max(now);
     let used = tat - now;
-    let remaining_from = |used: u64| (tolerance.saturating_sub(used) / t).min(b);
-    let next_from = |used: u64, remaining: u64| {
-        if remaining >= b {
-            0
-        } else {
-            used.saturating_sub((b - remaining - 1) * t)
-        }
-    };
-    let decision = |outcome, used: u64, retry: Option<u64>| {
-        let remaining = remaining_from(used);
-        Decision {
-            outcome,
-            capacity: quota.capacity(),
-            remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
-            reset_after: Duration::from_micros(used),
-            retry_after: retry.map(Duration::from_micros),
-            next_available: Duration::from_micros(next_from(used, remaining)),
-            degraded: false,
-        }
-    };
     if n > b {
         return Step {
-            decision: decision(Outcome::Impossible, used, None),
+            decision: Decision::new(Outcome::Impossible, quota, used, 0),
             write: None,
         };
     }
     let new_used = used.saturating_add(n * t);
-    if new_used <= tolerance {
+    // A peek (cost 0) is never denied, even when a clock that stepped backwards left the state
+    // beyond the tolerance: it reports, it does not ask to pass.
+    if new_used <= tolerance || n == 0 {
         Step {
-            decision: decision(Outcome::Allowed, new_used, None),
-            write: (n > 0).then(|| tat + n * t),
+            decision: Decision::new(Outcome::Allowed, quota, new_used, 0),
+            write: (n > 0).then(|| tat.saturating_add(n * t)),
         }
     } else {
         Step {
-            decision: decision(Outcome::Denied, used, Some(new_used - tolerance)),
+            decision: Decision::new(Outcome::Denied, quota, used, new_used - tolerance),
             write: None,
         }
     }
@@ -71,6 +53,7 @@ pub(crate) fn step(stored: u64, now: u64, quota: &Quota, cost: u32) -> Step {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::time::Duration;
 
     fn quota(limit: u32, period_ms: u64, capacity: u32) -> Quota {
         Quota::new(limit, Duration::from_millis(period_ms))

@@ -93,7 +93,7 @@ pub enum ResetStyle {
 
 /// Seconds, rounded up, clamped to 15 digits.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
     secs.min(SF_INTEGER_MAX)
 }
 

@@ -55,7 +55,7 @@ pub struct MemoryStore<C: Clock = MonotonicClock> {
 }
 
 struct Inner<C> {
-    map: DashMap<Box<[u8]>, AtomicU64>,
+    map: DashMap<Box<[u8]>, AtomicU64, ahash::RandomState>,
     clock: C,
     max_keys: usize,
     /// Keys inserted since the last sweep, and the count the map had after it: together an
@@ -138,7 +138,7 @@ impl<C: Clock> MemoryStore<C> {
     fn build(clock: C, max_keys: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
-                map: DashMap::new(),
+                map: DashMap::with_hasher(ahash::RandomState::new()),
                 clock,
                 max_keys,
                 inserts: AtomicUsize::new(0),
@@ -242,7 +242,10 @@ impl<C> Inner<C> {
 
     fn after_insert(&self, now: u64) {
         let inserted = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
-        let since = self.swept_len.load(Ordering::Relaxed).max(MIN_SWEEP_INTERVAL);
+        let since = self
+            .swept_len
+            .load(Ordering::Relaxed)
+            .max(MIN_SWEEP_INTERVAL);
         if inserted >= since {
             self.sweep(now);
         }
