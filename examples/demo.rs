@@ -156,7 +156,9 @@ impl KeyExtractor for DemoKey {
 fn key_extractor(args: &Args) -> Result<DemoKey, String> {
     let mut ip = ClientIp::new();
     for cidr in &args.trusted_proxies {
-        ip = ip.trust(cidr).map_err(|e| format!("--trusted-proxy: {e}"))?;
+        ip = ip
+            .trust(cidr)
+            .map_err(|e| format!("--trusted-proxy: {e}"))?;
     }
     match args.key.as_str() {
         "ip" => Ok(DemoKey::Ip(ip)),

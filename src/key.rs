@@ -394,7 +394,9 @@ fn parse_xff_hop(hop: &str) -> Option<IpAddr> {
 fn parse_forwarded_hop(element: &str) -> Option<IpAddr> {
     let value = element.split(';').find_map(|pair| {
         let (name, value) = pair.split_once('=')?;
-        name.trim().eq_ignore_ascii_case("for").then_some(value.trim())
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then_some(value.trim())
     })?;
     let value = value
         .strip_prefix('"')
@@ -510,24 +512,49 @@ mod tests {
             (&ip, "10.0.0.5", vec![(xff, "1.2.3.4")], "1.2.3.4"),
             (&ip, "10.0.0.5", vec![(xff, "6.6.6.6, 1.2.3.4")], "1.2.3.4"),
             (&ip, "10.0.0.5", vec![(xff, "1.2.3.4, 10.0.0.7")], "1.2.3.4"),
-            (&ip, "10.0.0.5", vec![(xff, "6.6.6.6"), (xff, "1.2.3.4")], "1.2.3.4"),
+            (
+                &ip,
+                "10.0.0.5",
+                vec![(xff, "6.6.6.6"), (xff, "1.2.3.4")],
+                "1.2.3.4",
+            ),
             (&ip, "203.0.113.9", vec![(xff, "1.2.3.4")], "203.0.113.9"),
-            (&ip, "10.0.0.5", vec![(xff, "1.2.3.4, not-an-ip")], "10.0.0.5"),
+            (
+                &ip,
+                "10.0.0.5",
+                vec![(xff, "1.2.3.4, not-an-ip")],
+                "10.0.0.5",
+            ),
             (
                 &fwd,
                 "10.0.0.5",
-                vec![("forwarded", "for=192.0.2.43, for=\"[2001:db8:cafe::17]:4711\"")],
+                vec![(
+                    "forwarded",
+                    "for=192.0.2.43, for=\"[2001:db8:cafe::17]:4711\"",
+                )],
                 "2001:db8:cafe::/56",
             ),
-            (&fwd, "10.0.0.5", vec![("forwarded", "for=_hidden")], "10.0.0.5"),
+            (
+                &fwd,
+                "10.0.0.5",
+                vec![("forwarded", "for=_hidden")],
+                "10.0.0.5",
+            ),
         ];
         for (extractor, peer, headers, want) in cases {
-            assert_eq!(key(extractor, &parts(peer, &headers)), want, "{peer} {headers:?}");
+            assert_eq!(
+                key(extractor, &parts(peer, &headers)),
+                want,
+                "{peer} {headers:?}"
+            );
         }
         let p = parts("10.0.0.5", &[("forwarded", "for=unknown")]);
         assert_eq!(key(&fwd, &p), "10.0.0.5");
         // Forwarded is not believed when the proxy sets X-Forwarded-For.
-        let p = parts("10.0.0.5", &[("forwarded", "for=6.6.6.6"), (xff, "1.2.3.4")]);
+        let p = parts(
+            "10.0.0.5",
+            &[("forwarded", "for=6.6.6.6"), (xff, "1.2.3.4")],
+        );
         assert_eq!(key(&ip, &p), "1.2.3.4");
         // All hops trusted: the leftmost trusted address.
         let p = parts("10.0.0.5", &[(xff, "10.1.1.1, 10.2.2.2")]);

@@ -9,6 +9,7 @@ use http::request::Parts;
 use tower_layer::Layer;
 use tracing::Level;
 
+use crate::MemoryStore;
 use crate::error::ConfigError;
 use crate::headers::{HeaderStyle, PolicyFields, ResetStyle};
 use crate::key::{ClientIp, KeyExtractor};
@@ -16,7 +17,6 @@ use crate::quota::Quota;
 use crate::response::{Rejection, RejectionBody};
 use crate::service::RateLimit;
 use crate::store::{FailMode, Policy, Store};
-use crate::MemoryStore;
 
 type CostFn = dyn Fn(&Parts) -> u32 + Send + Sync;
 type SkipFn = dyn Fn(&Parts) -> bool + Send + Sync;

@@ -243,9 +243,7 @@ impl FromStr for Quota {
         let (limit, period) = rate.trim().split_once('/').ok_or_else(bad)?;
         let limit: u32 = limit.trim().parse().map_err(|_| bad())?;
         let period = period.trim();
-        let split = period
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(bad)?;
+        let split = period.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
         let (count, unit) = period.split_at(split);
         let count: u64 = if count.is_empty() {
             1
@@ -273,8 +271,8 @@ impl FromStr for Quota {
 #[cfg(feature = "serde")]
 mod serde_impl {
     use super::Quota;
-    use serde::de::{self, Deserializer, MapAccess, Visitor};
     use serde::Deserialize;
+    use serde::de::{self, Deserializer, MapAccess, Visitor};
     use std::fmt;
 
     /// Deserializes from a string (`"60/m"`, `"10/s;capacity=20"`) or a table
@@ -298,10 +296,7 @@ mod serde_impl {
                             "rate" => rate = Some(map.next_value()?),
                             "capacity" | "burst" => capacity = Some(map.next_value()?),
                             other => {
-                                return Err(de::Error::unknown_field(
-                                    other,
-                                    &["rate", "capacity"],
-                                ));
+                                return Err(de::Error::unknown_field(other, &["rate", "capacity"]));
                             }
                         }
                     }
@@ -353,7 +348,10 @@ mod tests {
     fn rejects_invalid_quotas_with_typed_errors() {
         assert_eq!("0/s".parse::<Quota>(), Err(QuotaError::ZeroLimit));
         assert_eq!("5/0s".parse::<Quota>(), Err(QuotaError::ZeroPeriod));
-        assert_eq!("5/s;capacity=0".parse::<Quota>(), Err(QuotaError::ZeroCapacity));
+        assert_eq!(
+            "5/s;capacity=0".parse::<Quota>(),
+            Err(QuotaError::ZeroCapacity)
+        );
         assert!(matches!(
             "2000000/s".parse::<Quota>(),
             Err(QuotaError::TooFast { .. })
@@ -368,7 +366,16 @@ mod tests {
             Quota::new(1, Duration::from_nanos(1500)),
             Err(QuotaError::SubMicrosecondPeriod { .. })
         ));
-        for junk in ["", "/", "5", "x/s", "5/", "5/fortnight", "5/s;cap=3", "99999999999/s"] {
+        for junk in [
+            "",
+            "/",
+            "5",
+            "x/s",
+            "5/",
+            "5/fortnight",
+            "5/s;cap=3",
+            "99999999999/s",
+        ] {
             assert!(
                 matches!(junk.parse::<Quota>(), Err(QuotaError::Parse { .. })),
                 "{junk:?}"
@@ -382,7 +389,15 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in ["60/m", "10/s", "1000/h", "5/30s", "7/d", "10/s;capacity=25", "2/500ms"] {
+        for s in [
+            "60/m",
+            "10/s",
+            "1000/h",
+            "5/30s",
+            "7/d",
+            "10/s;capacity=25",
+            "2/500ms",
+        ] {
             let q: Quota = s.parse().unwrap();
             assert_eq!(q.to_string(), s);
             assert_eq!(q.to_string().parse::<Quota>().unwrap(), q);

@@ -52,12 +52,19 @@ fn threads_racing_on_one_key_never_over_admit() {
             .map(|_| {
                 s.spawn(|| {
                     (0..10_000)
-                        .filter(|_| store.check_now(&policy, &Key::from_static("k"), 1).is_allowed())
+                        .filter(|_| {
+                            store
+                                .check_now(&policy, &Key::from_static("k"), 1)
+                                .is_allowed()
+                        })
                         .count()
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum::<usize>()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .sum::<usize>()
     });
     assert_eq!(admitted, 50);
 }
@@ -83,7 +90,14 @@ fn a_million_distinct_keys_stay_bounded() {
     }
     peak = peak.max(store.len());
     assert!(peak <= max_keys, "peak {peak} > max_keys {max_keys}");
-    assert!(store.len() > max_keys / 2, "eviction is in batches, not a wipe");
+    assert!(
+        store.len() > max_keys / 2,
+        "eviction is in batches, not a wipe"
+    );
     let d = store.check_now(&policy, &heavy, 0);
-    assert_eq!(d.remaining(), 1, "the heavy user's state survived the flood");
+    assert_eq!(
+        d.remaining(),
+        1,
+        "the heavy user's state survived the flood"
+    );
 }

@@ -127,7 +127,10 @@ async fn denial_is_429_with_exact_headers() {
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(header(&res, "retry-after"), Some("1"));
     assert_eq!(header(&res, "ratelimit"), Some("\"default\";r=0;t=1"));
-    assert_eq!(header(&res, "ratelimit-policy"), Some("\"default\";q=5;w=5"));
+    assert_eq!(
+        header(&res, "ratelimit-policy"),
+        Some("\"default\";q=5;w=5")
+    );
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some("0"));
     assert_eq!(header(&res, "x-ratelimit-reset"), Some("5"));
     assert_eq!(
@@ -152,7 +155,14 @@ async fn sub_second_retry_is_never_zero() {
     let addr = serve(hello().layer(layer)).await;
     let c = client();
     for _ in 0..5 {
-        assert_eq!(c.get(format!("http://{addr}/")).send().await.unwrap().status(), 200);
+        assert_eq!(
+            c.get(format!("http://{addr}/"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
     }
     for advance_ms in [0, 150] {
         clock.advance(Duration::from_millis(advance_ms));
@@ -180,7 +190,10 @@ async fn stacked_layers_all_must_pass_and_a_denial_charges_no_later_layer() {
         .build()
         .unwrap();
     let app = Router::new()
-        .route("/expensive", get(|| async { "costly" }).route_layer(route.clone()))
+        .route(
+            "/expensive",
+            get(|| async { "costly" }).route_layer(route.clone()),
+        )
         .route("/cheap", get(|| async { "cheap" }))
         .layer(global.clone());
     let addr = serve(app).await;
@@ -202,7 +215,10 @@ async fn stacked_layers_all_must_pass_and_a_denial_charges_no_later_layer() {
             policies,
             vec![
                 ("default".into(), vec![("q".into(), 2), ("w".into(), 3600)]),
-                ("expensive".into(), vec![("q".into(), 5), ("w".into(), 3600)]),
+                (
+                    "expensive".into(),
+                    vec![("q".into(), 5), ("w".into(), 3600)]
+                ),
             ]
         );
     }
@@ -220,7 +236,11 @@ async fn stacked_layers_all_must_pass_and_a_denial_charges_no_later_layer() {
         .check(route.policy(), &Key::from_static("global"), 0)
         .await
         .unwrap();
-    assert_eq!(peek.remaining(), 3, "only the two admitted requests were charged");
+    assert_eq!(
+        peek.remaining(),
+        3,
+        "only the two admitted requests were charged"
+    );
     assert_eq!(global.stats().denied, 3);
     assert_eq!(route.stats().allowed, 2);
 }
@@ -244,8 +264,19 @@ async fn inner_route_layer_denies_after_outer_charged() {
         .layer(global);
     let addr = serve(app).await;
     let c = client();
-    assert_eq!(c.get(format!("http://{addr}/expensive")).send().await.unwrap().status(), 200);
-    let res = c.get(format!("http://{addr}/expensive")).send().await.unwrap();
+    assert_eq!(
+        c.get(format!("http://{addr}/expensive"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let res = c
+        .get(format!("http://{addr}/expensive"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 429);
     assert_eq!(header(&res, "retry-after"), Some("3600"));
     // Both policies report on the 429, outer first; the Retry-After is the denying layer's.
@@ -265,7 +296,10 @@ async fn each_key_kind_separates_clients() {
         .build()
         .unwrap();
     let either = RateLimitLayer::builder(quota)
-        .key(ApiKeyOrIp::new(Header::new("x-api-key").unwrap(), ClientIp::new()))
+        .key(ApiKeyOrIp::new(
+            Header::new("x-api-key").unwrap(),
+            ClientIp::new(),
+        ))
         .build()
         .unwrap();
     let global = RateLimitLayer::builder(quota).key(Global).build().unwrap();
@@ -315,7 +349,10 @@ async fn each_key_kind_separates_clients() {
     assert_eq!(status(&a, "/closure", &[("x-tenant", "t1")]).await, 200);
     assert_eq!(status(&b, "/closure", &[("x-tenant", "t1")]).await, 429);
     for _ in 0..3 {
-        assert_eq!(status(&a, "/closure", &[("x-tenant", "internal")]).await, 200);
+        assert_eq!(
+            status(&a, "/closure", &[("x-tenant", "internal")]).await,
+            200
+        );
     }
 }
 
@@ -326,7 +363,11 @@ async fn unlimited_requests_carry_no_headers() {
         .build()
         .unwrap();
     let addr = serve(hello().layer(layer.clone())).await;
-    let res = client().get(format!("http://{addr}/")).send().await.unwrap();
+    let res = client()
+        .get(format!("http://{addr}/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(header(&res, "ratelimit"), None);
     assert_eq!(layer.stats().unlimited, 1);
@@ -347,7 +388,11 @@ async fn spoofed_forwarding_headers_from_untrusted_peers_are_ignored() {
     // The trusted proxy forwards two different clients: two buckets.
     assert_eq!(send(&proxy, "1.2.3.4").await, 200);
     assert_eq!(send(&proxy, "5.6.7.8").await, 200);
-    assert_eq!(send(&proxy, "6.6.6.6, 1.2.3.4").await, 429, "rightmost untrusted hop");
+    assert_eq!(
+        send(&proxy, "6.6.6.6, 1.2.3.4").await,
+        429,
+        "rightmost untrusted hop"
+    );
     // The stranger's headers are ignored: it is keyed by its own address however it lies.
     assert_eq!(send(&stranger, "9.9.9.9").await, 200);
     assert_eq!(send(&stranger, "10.10.10.10").await, 429);
@@ -377,7 +422,10 @@ async fn forwarded_header_with_ipv6_is_grouped_by_prefix() {
 #[tokio::test]
 async fn hostile_header_values_get_clean_responses() {
     let layer = RateLimitLayer::builder("1/h".parse().unwrap())
-        .key(ApiKeyOrIp::new(Header::new("x-api-key").unwrap(), ClientIp::new()))
+        .key(ApiKeyOrIp::new(
+            Header::new("x-api-key").unwrap(),
+            ClientIp::new(),
+        ))
         .build()
         .unwrap();
     let store = layer.store().clone();
@@ -391,21 +439,36 @@ async fn hostile_header_values_get_clean_responses() {
     };
     assert_eq!(send(latin1.clone()).await, 200);
     assert_eq!(send(latin1).await, 429);
-    assert_eq!(send(latin2).await, 200, "distinct non-UTF-8 keys stay distinct");
+    assert_eq!(
+        send(latin2).await,
+        200,
+        "distinct non-UTF-8 keys stay distinct"
+    );
     let big_a = http::HeaderValue::from_str(&"a".repeat(64 * 1024)).unwrap();
     let big_b = http::HeaderValue::from_str(&format!("{}b", "a".repeat(64 * 1024 - 1))).unwrap();
     assert_eq!(send(big_a.clone()).await, 200);
     assert_eq!(send(big_a).await, 429);
-    assert_eq!(send(big_b).await, 200, "64 KiB keys differing in the last byte");
+    assert_eq!(
+        send(big_b).await,
+        200,
+        "64 KiB keys differing in the last byte"
+    );
     // Garbage forwarding headers from an untrusted peer change nothing.
     let res = c
         .get(format!("http://{addr}/"))
-        .header("x-forwarded-for", http::HeaderValue::from_bytes(b"\xff, ,,[::").unwrap())
+        .header(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"\xff, ,,[::").unwrap(),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    assert_eq!(store.len(), 5, "each client's key is stored once, bounded in size");
+    assert_eq!(
+        store.len(),
+        5,
+        "each client's key is stored once, bounded in size"
+    );
 }
 
 #[tokio::test]
@@ -424,7 +487,10 @@ async fn dry_run_never_denies_but_reports() {
         assert_eq!(header(&res, "retry-after"), None);
     }
     let stats = layer.stats();
-    assert_eq!((stats.allowed, stats.dry_run_denied, stats.denied), (1, 2, 0));
+    assert_eq!(
+        (stats.allowed, stats.dry_run_denied, stats.denied),
+        (1, 2, 0)
+    );
 }
 
 #[tokio::test]
@@ -440,10 +506,28 @@ async fn skip_bypasses_the_limit() {
         .layer(layer);
     let addr = serve(app).await;
     let c = client();
-    assert_eq!(c.get(format!("http://{addr}/")).send().await.unwrap().status(), 200);
-    assert_eq!(c.get(format!("http://{addr}/")).send().await.unwrap().status(), 429);
+    assert_eq!(
+        c.get(format!("http://{addr}/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("http://{addr}/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
     for _ in 0..5 {
-        let res = c.get(format!("http://{addr}/healthz")).send().await.unwrap();
+        let res = c
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200);
         assert_eq!(header(&res, "ratelimit"), None);
     }
@@ -477,7 +561,11 @@ async fn weighted_costs_peeks_and_impossible_requests() {
     }
     let res = c.get(format!("http://{addr}/huge")).send().await.unwrap();
     assert_eq!(res.status(), 429);
-    assert_eq!(header(&res, "retry-after"), None, "a request that can never pass");
+    assert_eq!(
+        header(&res, "retry-after"),
+        None,
+        "a request that can never pass"
+    );
     assert!(res.text().await.unwrap().contains("costs more than"));
     let res = c.post(format!("http://{addr}/")).send().await.unwrap();
     assert_eq!(header(&res, "ratelimit"), Some("\"default\";r=2;t=1"));
@@ -505,7 +593,11 @@ async fn decision_is_in_the_request_extensions() {
         )
         .layer(layer);
     let addr = serve(app).await;
-    let res = client().get(format!("http://{addr}/")).send().await.unwrap();
+    let res = client()
+        .get(format!("http://{addr}/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.text().await.unwrap(), "2 3");
 }
 
@@ -533,7 +625,10 @@ async fn status_body_and_header_styles_are_configurable() {
         .unwrap()
         .as_secs();
     let reset: u64 = header(&res, "x-ratelimit-reset").unwrap().parse().unwrap();
-    assert!((now + 59..=now + 61).contains(&reset), "epoch reset {reset} vs now {now}");
+    assert!(
+        (now + 59..=now + 61).contains(&reset),
+        "epoch reset {reset} vs now {now}"
+    );
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(
         body,
@@ -556,7 +651,10 @@ fn invalid_configuration_is_a_typed_error() {
     let err = RateLimitLayer::builder(q).status(200).build().unwrap_err();
     assert_eq!(err, ConfigError::Status(200));
     assert!(err.to_string().contains("4xx or 5xx"));
-    let err = RateLimitLayer::builder(q).policy("has space").build().unwrap_err();
+    let err = RateLimitLayer::builder(q)
+        .policy("has space")
+        .build()
+        .unwrap_err();
     assert!(matches!(err, ConfigError::PolicyName(_)));
     let err = RateLimitLayer::builder(q)
         .policy(&"x".repeat(65))
@@ -610,7 +708,10 @@ async fn fail_modes_with_a_failing_store() {
     let app = Router::new()
         .route("/open", get(|| async { "" }).route_layer(open.clone()))
         .route("/closed", get(|| async { "" }).route_layer(closed.clone()))
-        .route("/fallback", get(|| async { "" }).route_layer(fallback.clone()));
+        .route(
+            "/fallback",
+            get(|| async { "" }).route_layer(fallback.clone()),
+        );
     let addr = serve(app).await;
     let c = client();
     for _ in 0..6 {
@@ -625,7 +726,11 @@ async fn fail_modes_with_a_failing_store() {
     let statuses: Vec<u16> = {
         let mut v = Vec::new();
         for _ in 0..4 {
-            let res = c.get(format!("http://{addr}/fallback")).send().await.unwrap();
+            let res = c
+                .get(format!("http://{addr}/fallback"))
+                .send()
+                .await
+                .unwrap();
             v.push(res.status().as_u16());
         }
         v

@@ -148,11 +148,23 @@ pub async fn run_all(target: &mut impl Target, run: &str) {
             assert_eq!(d.remaining(), row.remaining, "remaining, {at}");
             assert_eq!(d.capacity(), quota.capacity(), "capacity, {at}");
             if let Some(ms) = row.reset_ms {
-                assert_eq!(d.reset_after(), Duration::from_millis(ms), "reset_after, {at}");
+                assert_eq!(
+                    d.reset_after(),
+                    Duration::from_millis(ms),
+                    "reset_after, {at}"
+                );
             }
-            assert_eq!(d.retry_after(), row.retry_ms.map(Duration::from_millis), "retry_after, {at}");
+            assert_eq!(
+                d.retry_after(),
+                row.retry_ms.map(Duration::from_millis),
+                "retry_after, {at}"
+            );
             if let Some(ms) = row.next_ms {
-                assert_eq!(d.next_available(), Duration::from_millis(ms), "next_available, {at}");
+                assert_eq!(
+                    d.next_available(),
+                    Duration::from_millis(ms),
+                    "next_available, {at}"
+                );
             }
         }
     }

@@ -474,23 +474,13 @@ fn decision(reply: &Value, quota: &Quota) -> Result<Decision, StoreError> {
         2 => Outcome::Impossible,
         _ => return Err(bad()),
     };
-    let t = quota.interval_micros();
-    let b = u64::from(quota.capacity());
-    let remaining = remaining.min(b);
-    let next = if remaining >= b {
-        0
-    } else {
-        used.saturating_sub((b - remaining - 1).saturating_mul(t))
-    };
-    Ok(Decision {
-        outcome,
-        capacity: quota.capacity(),
-        remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
-        reset_after: Duration::from_micros(used),
-        retry_after: (outcome == Outcome::Denied).then(|| Duration::from_micros(retry)),
-        next_available: Duration::from_micros(next),
-        degraded: false,
-    })
+    // `remaining` is derived from `used` by the same formula on both sides; the script's copy
+    // is only checked for consistency.
+    let decision = Decision::new(outcome, quota, used, retry);
+    if u64::from(decision.remaining()) != remaining.min(u64::from(quota.capacity())) {
+        return Err(bad());
+    }
+    Ok(decision)
 }
 
 impl Store for RedisStore {
