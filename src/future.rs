@@ -130,16 +130,16 @@ where
                     this.state.set(State::Done);
                     let mut response = response.map(RateLimitBody::inner);
                     let shared = &**this.shared;
-                    if let Some(decision) = decision {
-                        if shared.headers_on_allowed {
-                            headers::apply(
-                                response.headers_mut(),
-                                shared.header_style,
-                                shared.reset_style,
-                                &shared.fields,
-                                &decision,
-                            );
-                        }
+                    if let Some(decision) = decision
+                        && shared.headers_on_allowed
+                    {
+                        headers::apply(
+                            response.headers_mut(),
+                            shared.header_style,
+                            shared.reset_style,
+                            &shared.fields,
+                            &decision,
+                        );
                     }
                     return Poll::Ready(Ok(response));
                 }

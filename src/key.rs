@@ -508,7 +508,8 @@ mod tests {
         let ip = ClientIp::new().trust("10.0.0.0/8").unwrap();
         let fwd = ip.clone().header(ForwardedHeader::Forwarded);
         let xff = "x-forwarded-for";
-        let cases: [(&ClientIp, &str, Vec<(&str, &str)>, &str); 8] = [
+        type Case<'a> = (&'a ClientIp, &'a str, Vec<(&'a str, &'a str)>, &'a str);
+        let cases: [Case<'_>; 8] = [
             (&ip, "10.0.0.5", vec![(xff, "1.2.3.4")], "1.2.3.4"),
             (&ip, "10.0.0.5", vec![(xff, "6.6.6.6, 1.2.3.4")], "1.2.3.4"),
             (&ip, "10.0.0.5", vec![(xff, "1.2.3.4, 10.0.0.7")], "1.2.3.4"),

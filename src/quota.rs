@@ -64,7 +64,7 @@ impl Quota {
         if period.is_zero() {
             return Err(QuotaError::ZeroPeriod);
         }
-        if period.subsec_nanos() % 1_000 != 0 {
+        if !period.subsec_nanos().is_multiple_of(1_000) {
             return Err(QuotaError::SubMicrosecondPeriod { period });
         }
         let period_micros =
@@ -205,10 +205,10 @@ impl fmt::Display for Quota {
             (60_000_000, "m"),
             (1_000_000, "s"),
         ];
-        match UNITS.iter().find(|(unit, _)| p % unit == 0) {
+        match UNITS.iter().find(|(unit, _)| p.is_multiple_of(*unit)) {
             Some((unit, name)) if p == *unit => f.write_str(name)?,
             Some((unit, name)) => write!(f, "{}{name}", p / unit)?,
-            None if p % 1_000 == 0 => write!(f, "{}ms", p / 1_000)?,
+            None if p.is_multiple_of(1_000) => write!(f, "{}ms", p / 1_000)?,
             None => write!(f, "{p}us")?,
         }
         if self.capacity != self.limit {

@@ -1,0 +1,80 @@
+//! A hello-world axum server for measuring the middleware's overhead (used by
+//! `scripts/bench-http`): `--mode none` has no limiter, `allowed` a MemoryStore layer that
+//! admits everything, `denied` one that answers 429 to everything, and with the `redis` feature
+//! `redis-allowed` the same through a RedisStore (`--redis-url`).
+//!
+//! ```text
+//! cargo run --release --example bench_server -- --mode allowed --listen 127.0.0.1:3001
+//! ```
+
+use std::net::SocketAddr;
+
+use axum::{Router, routing::get};
+use tollgate::key::ClientIp;
+use tollgate::{Quota, RateLimitLayer};
+
+fn main() {
+    let mut mode = "none".to_owned();
+    let mut listen: SocketAddr = "127.0.0.1:3001".parse().unwrap_or_else(|_| unreachable!());
+    let mut redis_url = "redis://127.0.0.1:6379".to_owned();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_default();
+        match flag.as_str() {
+            "--mode" => mode = value,
+            "--listen" => match value.parse() {
+                Ok(addr) => listen = addr,
+                Err(e) => fail(&format!("--listen {value:?}: {e}")),
+            },
+            "--redis-url" => redis_url = value,
+            other => fail(&format!("unknown flag {other:?}")),
+        }
+    }
+    #[cfg(not(feature = "redis"))]
+    drop(redis_url);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&format!("runtime: {e}")));
+    runtime.block_on(async move {
+        let hello = Router::new().route("/", get(|| async { "hello" }));
+        // Allowed: a quota no benchmark exhausts. Denied: one request per day, already used.
+        let allowed: Quota = "1000000/s;capacity=1000000000"
+            .parse()
+            .unwrap_or_else(|e| fail(&format!("{e}")));
+        let denied: Quota = "1/d".parse().unwrap_or_else(|e| fail(&format!("{e}")));
+        let app = match mode.as_str() {
+            "none" => hello,
+            "allowed" => hello.layer(RateLimitLayer::new(allowed, ClientIp::new())),
+            "denied" => hello.layer(RateLimitLayer::new(denied, ClientIp::new())),
+            #[cfg(feature = "redis")]
+            "redis-allowed" => {
+                let store = tollgate::store::redis::RedisStore::builder(&redis_url)
+                    .build()
+                    .await
+                    .unwrap_or_else(|e| fail(&format!("{e}")));
+                let layer = RateLimitLayer::builder(allowed)
+                    .store(store)
+                    .build()
+                    .unwrap_or_else(|e| fail(&format!("{e}")));
+                hello.layer(layer)
+            }
+            other => fail(&format!("unknown mode {other:?}")),
+        };
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .unwrap_or_else(|e| fail(&format!("bind {listen}: {e}")));
+        println!("bench_server {mode} on http://{listen}");
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
+    });
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    std::process::exit(2)
+}
