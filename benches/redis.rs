@@ -1,0 +1,349 @@
+//! RedisStore side by side with its references, in one run against one throwaway redis-server
+//! (loopback, free port), so every figure reads as a ratio:
+//!
+//! 1. Redis CPU per decision (`INFO commandstats` usec_per_call): our script's `evalsha` vs
+//!    redis-cell's native `CL.THROTTLE` (when its module is available) vs a bare
+//!    `TIME` + `GET` + `SET PX` script (the floor of any Lua GCRA).
+//! 2. Decisions/s and p50/p99 latency at 1, 16 and 128 in flight: RedisStore (ConnectionManager),
+//!    RedisStore on a deadpool pool, and a bare redis-rs loop sending the same `EVALSHA` with the
+//!    same arguments on one multiplexed connection.
+//! 3. p50 at 1 in flight vs a plain `INCR` round trip.
+//!
+//! Run: `scripts/bench-redis` (builds redis-cell into /tmp first), or
+//! `REDIS_CELL_SO=/path/libredis_cell.so cargo bench --features redis --bench redis`.
+//! Knobs: `BENCH_ROUNDS` (default 3), `BENCH_SECS` per measurement (default 1.0).
+
+#[path = "../tests/common/redis.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod redis_server;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::Value;
+use redis::aio::ConnectionManager;
+use redis_server::RedisServer;
+use tollgate::store::redis::RedisStore;
+use tollgate::{Key, Policy, Quota, Store};
+
+const KEYS: usize = 1_000;
+const FLOOR_LUA: &str = "local t = redis.call('TIME') \
+    local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
+    local v = tonumber(redis.call('GET', KEYS[1])) or now \
+    redis.call('SET', KEYS[1], now + 1, 'PX', 1000) return 1";
+
+/// One way of asking for a decision.
+#[derive(Clone)]
+enum Client {
+    Store(RedisStore),
+    Bare {
+        conn: ConnectionManager,
+        sha: Arc<str>,
+        /// The Redis keys, precomputed (a bare loop hashes nothing).
+        keys: Arc<Vec<Vec<u8>>>,
+        interval: u64,
+        capacity: u32,
+    },
+    Incr(ConnectionManager),
+}
+
+struct Run {
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn measure(
+    client: &Client,
+    policy: &Policy,
+    keys: &Arc<Vec<Key>>,
+    inflight: usize,
+    secs: f64,
+) -> Run {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..inflight {
+        let (client, policy, keys) = (client.clone(), policy.clone(), keys.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4_096);
+            let mut i = w * 7;
+            // Bounded in time and in count.
+            while Instant::now() < deadline && lat.len() < 2_000_000 {
+                let k = i % KEYS;
+                i += 1;
+                let t0 = Instant::now();
+                match &client {
+                    Client::Store(s) => {
+                        s.check(&policy, &keys[k], 1).await.expect("decision");
+                    }
+                    Client::Bare {
+                        conn,
+                        sha,
+                        keys,
+                        interval,
+                        capacity,
+                    } => {
+                        let _: Value = redis::cmd("EVALSHA")
+                            .arg(&**sha)
+                            .arg(1)
+                            .arg(&keys[k])
+                            .arg(*interval)
+                            .arg(*capacity)
+                            .arg(1)
+                            .query_async(&mut conn.clone())
+                            .await
+                            .expect("evalsha");
+                    }
+                    Client::Incr(conn) => {
+                        let _: i64 = redis::cmd("INCR")
+                            .arg("bench-incr")
+                            .query_async(&mut conn.clone())
+                            .await
+                            .expect("incr");
+                    }
+                }
+                lat.push(t0.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    Run {
+        per_sec: all.len() as f64 / elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+    }
+}
+
+fn usec_per_call(server: &RedisServer, cmd: &str) -> Option<f64> {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))?
+        .split("usec_per_call=")
+        .nth(1)?
+        .split(',')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn cell_so() -> Option<String> {
+    let candidates = [
+        std::env::var("REDIS_CELL_SO").ok(),
+        Some("/tmp/redis-cell/target/release/libredis_cell.so".to_owned()),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| std::path::Path::new(p).is_file())
+}
+
+fn range(v: &[f64]) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.2}-{max:.2}")
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs this too: keep that short.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 1 } else { 3 });
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 0.1 } else { 1.0 });
+    let so = cell_so();
+    let server = match &so {
+        Some(path) => RedisServer::start_with(&["--loadmodule", path]),
+        None => RedisServer::start(),
+    };
+    if so.is_none() {
+        eprintln!(
+            "redis-cell module not found (set REDIS_CELL_SO or run scripts/bench-redis): skipping CL.THROTTLE"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(&server, so.is_some(), rounds, secs));
+}
+
+async fn run(server: &RedisServer, cell: bool, rounds: usize, secs: f64) {
+    let url = server.url();
+    // A quota that admits nearly everything, so every decision takes the write path.
+    let quota: Quota = "1000000/s".parse().unwrap();
+    let policy = Policy::new("bench", quota).unwrap();
+    let keys: Arc<Vec<Key>> = Arc::new(
+        (0..KEYS)
+            .map(|i| Key::from(format!("client-{i}")))
+            .collect(),
+    );
+    let store = RedisStore::builder(&url)
+        .command_timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    let pool = deadpool_redis::Config::from_url(url.clone())
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let pooled = RedisStore::from_pool(pool)
+        .command_timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    let conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let sha = redis::Script::new(include_str!("../lua/gcra.lua"))
+        .get_hash()
+        .to_owned();
+    let bare = Client::Bare {
+        conn: conn.clone(),
+        sha: sha.into(),
+        keys: Arc::new(keys.iter().map(|k| store.redis_key(&policy, k)).collect()),
+        interval: quota.emission_interval().as_micros() as u64,
+        capacity: quota.capacity(),
+    };
+    let ours = Client::Store(store.clone());
+    let pooled = Client::Store(pooled);
+    let incr = Client::Incr(conn.clone());
+    let floor = redis::Script::new(FLOOR_LUA);
+    let mut admin = conn.clone();
+
+    let mut cpu_ratio_cell = Vec::new();
+    let mut cpu_ratio_floor = Vec::new();
+    let mut cpu_ours = Vec::new();
+    let mut tput: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); 3];
+    let mut incr_gap = Vec::new();
+    println!("round | in flight | client | decisions/s | p50 | p99");
+    for round in 0..rounds {
+        // 1. Redis CPU per decision, same keys, same count.
+        let n = if secs < 0.5 { 2_000 } else { 20_000 };
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        for i in 0..n {
+            store.check(&policy, &keys[i % KEYS], 1).await.unwrap();
+        }
+        let ours_us = usec_per_call(server, "evalsha").unwrap_or(f64::NAN);
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        for i in 0..n {
+            let _: i64 = floor
+                .key(format!("floor:{}", i % KEYS))
+                .invoke_async(&mut admin)
+                .await
+                .unwrap();
+        }
+        let floor_us = usec_per_call(server, "evalsha").unwrap_or(f64::NAN);
+        let cell_us = if cell {
+            let _: () = redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            for i in 0..n {
+                let _: Value = redis::cmd("CL.THROTTLE")
+                    .arg(format!("cell:{}", i % KEYS))
+                    .arg(999_999)
+                    .arg(1_000_000)
+                    .arg(1)
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+            }
+            usec_per_call(server, "cl.throttle").unwrap_or(f64::NAN)
+        } else {
+            f64::NAN
+        };
+        println!(
+            "round {round}: Redis CPU per decision: tollgate evalsha {ours_us:.2} us, CL.THROTTLE {cell_us:.2} us, TIME+GET+SET floor {floor_us:.2} us"
+        );
+        cpu_ours.push(ours_us);
+        cpu_ratio_cell.push(ours_us / cell_us);
+        cpu_ratio_floor.push(ours_us / floor_us);
+
+        // 2. Throughput and latency, alternating the order per round.
+        for (ci, inflight) in [1usize, 16, 128].into_iter().enumerate() {
+            let order: Vec<(&str, &Client)> = if round % 2 == 0 {
+                vec![("store", &ours), ("bare", &bare), ("pool", &pooled)]
+            } else {
+                vec![("pool", &pooled), ("bare", &bare), ("store", &ours)]
+            };
+            let mut got = std::collections::HashMap::new();
+            for (name, client) in order {
+                let r = measure(client, &policy, &keys, inflight, secs).await;
+                println!(
+                    "{round} | {inflight} | {name} | {:.0} | {:?} | {:?}",
+                    r.per_sec, r.p50, r.p99
+                );
+                got.insert(name, r);
+            }
+            let (s, b, p) = (&got["store"], &got["bare"], &got["pool"]);
+            tput[ci].push((
+                s.per_sec / b.per_sec,
+                p.per_sec / b.per_sec,
+                s.p99.as_secs_f64() / b.p99.as_secs_f64(),
+            ));
+            if inflight == 1 {
+                let i = measure(&incr, &policy, &keys, 1, secs).await;
+                println!(
+                    "{round} | 1 | INCR | {:.0} | {:?} | {:?}",
+                    i.per_sec, i.p50, i.p99
+                );
+                incr_gap.push(s.p50.as_secs_f64() * 1e6 - i.p50.as_secs_f64() * 1e6);
+            }
+        }
+    }
+    println!();
+    println!("## Summary over {rounds} round(s), {secs} s per measurement (ranges min-max)");
+    println!(
+        "Redis CPU per decision, tollgate evalsha: {} us",
+        range(&cpu_ours)
+    );
+    if cell {
+        println!(
+            "  ratio tollgate / redis-cell CL.THROTTLE: {}x",
+            range(&cpu_ratio_cell)
+        );
+    }
+    println!(
+        "  ratio tollgate / TIME+GET+SET Lua floor: {}x",
+        range(&cpu_ratio_floor)
+    );
+    for (ci, inflight) in [1, 16, 128].into_iter().enumerate() {
+        let s: Vec<f64> = tput[ci].iter().map(|x| x.0).collect();
+        let p: Vec<f64> = tput[ci].iter().map(|x| x.1).collect();
+        let l: Vec<f64> = tput[ci].iter().map(|x| x.2).collect();
+        println!(
+            "{inflight:>3} in flight: RedisStore / bare loop decisions/s {}x; deadpool store / bare {}x; RedisStore p99 / bare p99 {}x",
+            range(&s),
+            range(&p),
+            range(&l)
+        );
+    }
+    println!(
+        "p50 at 1 in flight, RedisStore minus plain INCR: {} us",
+        range(&incr_gap)
+    );
+}
