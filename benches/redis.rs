@@ -285,7 +285,7 @@ async fn run(server: &RedisServer, cell: bool, rounds: usize, secs: f64) {
 
         // 2. Throughput and latency, alternating the order per round.
         for (ci, inflight) in [1usize, 16, 128].into_iter().enumerate() {
-            let order: Vec<(&str, &Client)> = if round % 2 == 0 {
+            let order: Vec<(&str, &Client)> = if round.is_multiple_of(2) {
                 vec![("store", &ours), ("bare", &bare), ("pool", &pooled)]
             } else {
                 vec![("pool", &pooled), ("bare", &bare), ("store", &ours)]

@@ -98,7 +98,7 @@ async fn two_app_instances_stay_within_capacity_plus_rate() {
     let mut ok = 0u64;
     let mut sent = 0u64;
     while start.elapsed() < Duration::from_millis(800) && sent < 5_000 {
-        let addr = if sent % 2 == 0 { a } else { b };
+        let addr = if sent.is_multiple_of(2) { a } else { b };
         let res = status(&c, addr).await;
         assert!(
             res.status() == StatusCode::OK || res.status() == StatusCode::TOO_MANY_REQUESTS,

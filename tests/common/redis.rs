@@ -31,7 +31,7 @@ pub fn require_binaries() {
 /// free too.
 pub fn free_port() -> u16 {
     let seed =
-        std::process::id().wrapping_mul(7919) ^ SEQ.fetch_add(1, Ordering::Relaxed) * 104_729;
+        std::process::id().wrapping_mul(7919) ^ (SEQ.fetch_add(1, Ordering::Relaxed) * 104_729);
     for i in 0..2_000u32 {
         let port = 20_000 + ((seed.wrapping_add(i.wrapping_mul(7_607))) % 30_000) as u16;
         let ok = TcpListener::bind(("127.0.0.1", port)).is_ok()
@@ -183,12 +183,10 @@ fn wait_for_ping(addr: SocketAddr, within: Duration) -> bool {
         if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
             let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
             let mut buf = [0u8; 64];
-            if s.write_all(b"PING\r\n").is_ok() {
-                if let Ok(n) = s.read(&mut buf) {
-                    if buf[..n].starts_with(b"+PONG") {
-                        return true;
-                    }
-                }
+            let answered = s.write_all(b"PING\r\n").is_ok()
+                && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"));
+            if answered {
+                return true;
             }
         }
         std::thread::sleep(Duration::from_millis(20));
