@@ -1,5 +1,6 @@
 //! [`Decision`]: what a store decided about one request.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::quota::Quota;
@@ -16,7 +17,9 @@ pub enum Outcome {
     Impossible,
 }
 
-/// The result of checking one request against one quota.
+/// The result of checking one request against a policy's quota (or, for a policy of several
+/// quotas, against the most restrictive of them: the one with the longest wait when denied, the
+/// fewest remaining when admitted; see [`Decision::per_quota`]).
 ///
 /// The layer puts the decision into the request's extensions, so handlers can read it:
 ///
@@ -31,7 +34,7 @@ pub enum Outcome {
 ///
 /// With several layers stacked, the innermost layer's decision is the one in the extensions
 /// (the most specific limit, usually a route's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Decision {
     // The raw GCRA quantities, in microseconds; everything else is derived on access, so a
     // caller that only needs `is_allowed` pays for no division.
@@ -44,6 +47,8 @@ pub struct Decision {
     used: u64,
     /// For a denial: time until the same request would pass.
     retry: u64,
+    /// For a policy of several quotas: each quota's own decision, in the policy's order.
+    per_quota: Option<Arc<[Decision]>>,
 }
 
 impl Decision {
@@ -58,6 +63,24 @@ impl Decision {
             interval: quota.interval_micros(),
             used,
             retry,
+            per_quota: None,
+        }
+    }
+
+    /// A policy-wide decision: `primary` (the most restrictive quota's) carrying every quota's.
+    pub(crate) fn combined(mut primary: Decision, per_quota: Vec<Decision>) -> Self {
+        primary.per_quota = Some(per_quota.into());
+        primary
+    }
+
+    /// Each quota's decision, in the policy's order: for a single-quota policy just this one.
+    ///
+    /// When a policy of several quotas denies a request, the quotas that would have admitted it
+    /// report their state unchanged (nothing was charged).
+    pub fn per_quota(&self) -> &[Decision] {
+        match &self.per_quota {
+            Some(all) => all,
+            None => std::slice::from_ref(self),
         }
     }
 

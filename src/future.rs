@@ -45,9 +45,9 @@ pin_project! {
         Calling {
             #[pin]
             fut: F,
-            // The decision whose fields go on the response; `None` for unlimited requests and
-            // fail-open verdicts.
-            decision: Option<Decision>,
+            // The decision, and whether its rate-limit fields go on the response (not for
+            // fail-open verdicts); `None` for unlimited requests.
+            decision: Option<(Decision, bool)>,
         },
         Done,
     }
@@ -111,11 +111,11 @@ where
                     };
                     match this.shared.verdict(result, &key, cost) {
                         Verdict::Pass { decision, headers } => {
-                            req.extensions_mut().insert(decision);
+                            req.extensions_mut().insert(decision.clone());
                             let fut = inner.call(req);
                             this.state.set(State::Calling {
                                 fut,
-                                decision: headers.then_some(decision),
+                                decision: Some((decision, headers)),
                             });
                         }
                         Verdict::Respond(response) => {
@@ -126,20 +126,26 @@ where
                 }
                 StateProj::Calling { fut, decision } => {
                     let response = ready!(fut.poll(cx))?;
-                    let decision = *decision;
+                    let decision = decision.take();
                     this.state.set(State::Done);
                     let mut response = response.map(RateLimitBody::inner);
                     let shared = &**this.shared;
-                    if let Some(decision) = decision
-                        && shared.headers_on_allowed
-                    {
-                        headers::apply(
-                            response.headers_mut(),
-                            shared.header_style,
-                            shared.reset_style,
-                            &shared.fields,
-                            &decision,
-                        );
+                    if let Some((decision, fields)) = decision {
+                        if fields && shared.headers_on_allowed {
+                            headers::apply(
+                                response.headers_mut(),
+                                shared.header_style,
+                                shared.reset_style,
+                                &shared.fields,
+                                &decision,
+                            );
+                        }
+                        if decision.is_degraded() {
+                            shared.mark_degraded(
+                                response.headers_mut(),
+                                if fields { "fallback" } else { "fail-open" },
+                            );
+                        }
                     }
                     return Poll::Ready(Ok(response));
                 }
@@ -173,7 +179,11 @@ impl<St, K> Shared<St, K> {
                 self.counters.degraded.fetch_add(1, Ordering::Relaxed);
                 self.warn_store_failure(&error);
                 match (&self.fail_mode, &self.fallback) {
-                    (FailMode::Closed, _) => return Verdict::Respond(store_unavailable()),
+                    (FailMode::Closed, _) => {
+                        let mut response = store_unavailable();
+                        self.mark_degraded(response.headers_mut(), "fail-closed");
+                        return Verdict::Respond(response);
+                    }
                     (FailMode::Fallback { .. }, Some((store, policy))) => {
                         let mut decision = store.check_now(policy, key, cost);
                         decision.degraded = true;
@@ -216,7 +226,21 @@ impl<St, K> Shared<St, K> {
             &self.fields,
             &decision,
         );
+        if decision.is_degraded() {
+            self.mark_degraded(response.headers_mut(), "fallback");
+        }
         Verdict::Respond(response)
+    }
+
+    /// Adds `x-ratelimit-degraded: <how>` when the layer is configured to show degraded
+    /// decisions.
+    fn mark_degraded(&self, headers: &mut http::HeaderMap, how: &'static str) {
+        if self.degraded_header {
+            headers.insert(
+                headers::X_RATELIMIT_DEGRADED.clone(),
+                http::HeaderValue::from_static(how),
+            );
+        }
     }
 
     fn log_limited(&self, key: &Key, cost: u32, decision: &Decision) {

@@ -10,7 +10,7 @@ use crate::decision::{Decision, Outcome};
 use crate::quota::Quota;
 
 /// What one GCRA step decided, and the TAT to store (only when something was charged).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Step {
     pub(crate) decision: Decision,
     /// `Some(new_tat)` when the store must write; `None` on denial and peeks.
@@ -47,6 +47,73 @@ pub(crate) fn step(stored: u64, now: u64, quota: &Quota, cost: u32) -> Step {
             write: None,
         }
     }
+}
+
+/// One atomic decision over every quota of a policy: admitted only if each quota admits it;
+/// then every TAT is written (`writes`), otherwise none. `stored` holds one TAT per quota.
+pub(crate) fn step_all(stored: &[u64], now: u64, quotas: &[Quota], cost: u32) -> MultiStep {
+    let steps: Vec<Step> = quotas
+        .iter()
+        .zip(stored)
+        .map(|(q, &tat)| step(tat, now, q, cost))
+        .collect();
+    let admitted = steps.iter().all(|s| s.decision.is_allowed());
+    let per_quota: Vec<Decision> = if admitted {
+        steps.iter().map(|s| s.decision.clone()).collect()
+    } else {
+        // Nothing is charged: quotas that would have admitted report their state unchanged.
+        steps
+            .iter()
+            .zip(quotas.iter().zip(stored))
+            .map(|(s, (q, &tat))| {
+                if s.decision.is_allowed() {
+                    step(tat, now, q, 0).decision
+                } else {
+                    s.decision.clone()
+                }
+            })
+            .collect()
+    };
+    let primary = most_restrictive(&per_quota).clone();
+    let writes = (admitted && cost > 0).then(|| {
+        steps
+            .iter()
+            .zip(stored)
+            .map(|(s, &tat)| s.write.unwrap_or(tat))
+            .collect()
+    });
+    MultiStep {
+        decision: Decision::combined(primary, per_quota),
+        writes,
+    }
+}
+
+/// The decision that speaks for a policy: an impossible one first, else the longest wait among
+/// denials, else the fewest remaining (ties: the longest until reset).
+pub(crate) fn most_restrictive(decisions: &[Decision]) -> &Decision {
+    use crate::decision::Outcome::{Allowed, Denied, Impossible};
+    let rank = |d: &Decision| match d.outcome() {
+        Impossible => (2, std::time::Duration::ZERO, 0, std::time::Duration::ZERO),
+        Denied => (1, d.retry_after().unwrap_or_default(), 0, d.reset_after()),
+        Allowed => (
+            0,
+            std::time::Duration::ZERO,
+            u32::MAX - d.remaining(),
+            d.reset_after(),
+        ),
+    };
+    decisions
+        .iter()
+        .max_by_key(|d| rank(d))
+        .unwrap_or(&decisions[0])
+}
+
+/// The result of [`step_all`].
+#[derive(Debug, Clone)]
+pub(crate) struct MultiStep {
+    pub(crate) decision: Decision,
+    /// `Some(new_tats)` (one per quota) when the store must write.
+    pub(crate) writes: Option<Vec<u64>>,
 }
 
 #[cfg(test)]

@@ -35,6 +35,10 @@ pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-rateli
 /// `X-RateLimit-Reset` (legacy).
 pub static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
+/// `X-RateLimit-Degraded: fallback | fail-open | fail-closed`: the store failed and the fail
+/// mode decided (sent only when the layer enables it).
+pub static X_RATELIMIT_DEGRADED: HeaderName = HeaderName::from_static("x-ratelimit-degraded");
+
 /// The largest structured-field Integer: 15 digits.
 const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
 
@@ -100,20 +104,37 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
 /// Precomputed per-policy parts of the fields.
 #[derive(Debug, Clone)]
 pub(crate) struct PolicyFields {
-    /// `"name";q=L;w=W`
+    /// `"name";q=L;w=W`, one member per quota, joined.
     policy_member: String,
-    /// `"name"`
-    quoted_name: String,
+    /// `"name"` per quota: the policy's name, or for a policy of several quotas
+    /// `"name-<quota>"` (e.g. `"api-10/s"`, `"api-1000/d"`).
+    quoted_names: Vec<String>,
 }
 
 impl PolicyFields {
     pub(crate) fn new(policy: &Policy) -> Self {
-        let quota = policy.quota();
-        let w = ceil_secs(quota.period()).max(1);
-        let q = u64::from(quota.limit()).min(SF_INTEGER_MAX);
+        let quotas = policy.quotas();
+        let quoted_names: Vec<String> = if quotas.len() == 1 {
+            vec![format!("\"{}\"", policy.name())]
+        } else {
+            quotas
+                .iter()
+                .map(|q| format!("\"{}-{q}\"", policy.name()))
+                .collect()
+        };
+        let policy_member = quoted_names
+            .iter()
+            .zip(quotas)
+            .map(|(name, quota)| {
+                let w = ceil_secs(quota.period()).max(1);
+                let q = u64::from(quota.limit()).min(SF_INTEGER_MAX);
+                format!("{name};q={q};w={w}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         Self {
-            policy_member: format!("\"{}\";q={q};w={w}", policy.name()),
-            quoted_name: format!("\"{}\"", policy.name()),
+            policy_member,
+            quoted_names,
         }
     }
 }
@@ -127,11 +148,16 @@ pub(crate) fn apply(
     decision: &Decision,
 ) {
     if style.ietf() {
-        let mut member = String::with_capacity(fields.quoted_name.len() + 24);
-        member.push_str(&fields.quoted_name);
-        let r = u64::from(decision.remaining()).min(SF_INTEGER_MAX);
-        let t = ceil_secs(decision.next_available());
-        let _ = write!(member, ";r={r};t={t}");
+        let mut member = String::with_capacity(32 * fields.quoted_names.len());
+        for (name, d) in fields.quoted_names.iter().zip(decision.per_quota()) {
+            if !member.is_empty() {
+                member.push_str(", ");
+            }
+            member.push_str(name);
+            let r = u64::from(d.remaining()).min(SF_INTEGER_MAX);
+            let t = ceil_secs(d.next_available());
+            let _ = write!(member, ";r={r};t={t}");
+        }
         prepend_member(headers, &RATELIMIT_POLICY, &fields.policy_member);
         prepend_member(headers, &RATELIMIT, &member);
     }

@@ -73,6 +73,7 @@ pub(crate) struct Shared<St, K> {
     pub(crate) header_style: HeaderStyle,
     pub(crate) reset_style: ResetStyle,
     pub(crate) headers_on_allowed: bool,
+    pub(crate) degraded_header: bool,
     pub(crate) rejection: Rejection,
     pub(crate) log_level: Level,
     pub(crate) counters: Counters,
@@ -188,6 +189,7 @@ impl<S, St, K> Layer<S> for RateLimitLayer<St, K> {
 #[must_use]
 pub struct Builder<St = MemoryStore, K = ClientIp> {
     quota: Quota,
+    more_quotas: Vec<Quota>,
     policy_name: Option<String>,
     store: St,
     key: K,
@@ -198,6 +200,7 @@ pub struct Builder<St = MemoryStore, K = ClientIp> {
     header_style: HeaderStyle,
     reset_style: ResetStyle,
     headers_on_allowed: bool,
+    degraded_header: bool,
     status: u16,
     body: RejectionBody,
     log_level: Level,
@@ -216,6 +219,7 @@ impl Builder {
     fn new(quota: Quota) -> Self {
         Self {
             quota,
+            more_quotas: Vec::new(),
             policy_name: None,
             store: MemoryStore::new(),
             key: ClientIp::new(),
@@ -226,6 +230,7 @@ impl Builder {
             header_style: HeaderStyle::default(),
             reset_style: ResetStyle::default(),
             headers_on_allowed: true,
+            degraded_header: false,
             status: 429,
             body: RejectionBody::default(),
             log_level: Level::INFO,
@@ -241,11 +246,31 @@ impl<St, K> Builder<St, K> {
         self
     }
 
+    /// Adds another quota that every request must also satisfy, checked in the same atomic
+    /// step (e.g. `"10/s;capacity=20"` and also `"1000/d"`). A denial by any quota charges
+    /// none of them; the response reports every quota and `Retry-After` is the longest wait.
+    ///
+    /// ```
+    /// use tollgate::RateLimitLayer;
+    ///
+    /// let layer = RateLimitLayer::builder("10/s;capacity=20".parse()?)
+    ///     .and_quota("1000/d".parse()?)
+    ///     .policy("api")
+    ///     .build()?;
+    /// assert_eq!(layer.policy().quotas().len(), 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn and_quota(mut self, quota: Quota) -> Self {
+        self.more_quotas.push(quota);
+        self
+    }
+
     /// How clients are identified (default: [`ClientIp`] with no trusted proxies).
     pub fn key<K2: KeyExtractor>(self, key: K2) -> Builder<St, K2> {
         Builder {
             key,
             quota: self.quota,
+            more_quotas: self.more_quotas,
             policy_name: self.policy_name,
             store: self.store,
             cost: self.cost,
@@ -255,6 +280,7 @@ impl<St, K> Builder<St, K> {
             header_style: self.header_style,
             reset_style: self.reset_style,
             headers_on_allowed: self.headers_on_allowed,
+            degraded_header: self.degraded_header,
             status: self.status,
             body: self.body,
             log_level: self.log_level,
@@ -267,6 +293,7 @@ impl<St, K> Builder<St, K> {
         Builder {
             store,
             quota: self.quota,
+            more_quotas: self.more_quotas,
             policy_name: self.policy_name,
             key: self.key,
             cost: self.cost,
@@ -276,6 +303,7 @@ impl<St, K> Builder<St, K> {
             header_style: self.header_style,
             reset_style: self.reset_style,
             headers_on_allowed: self.headers_on_allowed,
+            degraded_header: self.degraded_header,
             status: self.status,
             body: self.body,
             log_level: self.log_level,
@@ -326,6 +354,16 @@ impl<St, K> Builder<St, K> {
         self
     }
 
+    /// Mark responses decided without the store (because it failed) with
+    /// `X-RateLimit-Degraded: fallback`, `fail-open` or `fail-closed` (default false). The
+    /// [`Decision`](crate::Decision) in the request extensions says so too
+    /// ([`Decision::is_degraded`](crate::Decision::is_degraded)), and a `tollgate::store`
+    /// warning is logged at most once a second.
+    pub fn degraded_header(mut self, on: bool) -> Self {
+        self.degraded_header = on;
+        self
+    }
+
     /// The status of a limited request's response (default 429; 400..=599).
     pub fn status(mut self, status: u16) -> Self {
         self.status = status;
@@ -359,6 +397,7 @@ impl<St, K> Builder<St, K> {
             header_style: self.header_style,
             reset_style: self.reset_style,
             headers_on_allowed: self.headers_on_allowed,
+            degraded_header: self.degraded_header,
             rejection: Rejection {
                 status: StatusCode::from_u16(self.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
                 body: self.body,
@@ -381,12 +420,11 @@ impl<St: Store, K: KeyExtractor> Builder<St, K> {
         if !(400..=599).contains(&self.status) {
             return Err(ConfigError::Status(self.status));
         }
-        let policy = Policy::new(self.policy_name.as_deref().unwrap_or("default"), self.quota)?;
+        let name = self.policy_name.as_deref().unwrap_or("default");
+        let quotas = std::iter::once(self.quota).chain(self.more_quotas.iter().copied());
+        let policy = Policy::multi(name, quotas)?;
         let fallback = match self.fail_mode {
-            FailMode::Fallback { divisor } => {
-                let local = Policy::new(policy.name(), policy.quota().divided(divisor)?)?;
-                Some((MemoryStore::new(), local))
-            }
+            FailMode::Fallback { divisor } => Some((MemoryStore::new(), policy.divided(divisor)?)),
             _ => None,
         };
         let mut shared = self.parts(policy);

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::vectors::{Target, run_all};
+use common::vectors::{Target, run_all, run_multi};
 use tollgate::{Decision, Key, ManualClock, MemoryStore, Policy};
 
 struct Memory {
@@ -37,4 +37,17 @@ async fn memory_store_reproduces_vectors_v1_to_v4() {
         last_key: None,
     };
     run_all(&mut target, "mem").await;
+}
+
+#[tokio::test]
+async fn memory_store_reproduces_the_multi_quota_vector() {
+    let clock = ManualClock::new();
+    let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+    let mut target = Memory {
+        store,
+        clock,
+        base_ms: 0,
+        last_key: None,
+    };
+    run_multi(&mut target, "mem").await;
 }

@@ -101,3 +101,33 @@ fn a_million_distinct_keys_stay_bounded() {
         "the heavy user's state survived the flood"
     );
 }
+
+/// A policy of several quotas is one atomic decision under concurrency: exactly the tightest
+/// quota's capacity is admitted, and the other quota is charged exactly as often.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_quota_decisions_are_atomic() {
+    let store = MemoryStore::new();
+    let quotas = ["3/h".parse::<Quota>().unwrap(), "10/h".parse().unwrap()];
+    let policy = Arc::new(Policy::multi("multi", quotas).unwrap());
+    let barrier = Arc::new(tokio::sync::Barrier::new(200));
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (store, policy, barrier) = (store.clone(), policy.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store.check_now(&policy, &Key::from_static("k"), 1)
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap().is_allowed());
+    }
+    assert_eq!(admitted, 3);
+    let peek = store.check_now(&policy, &Key::from_static("k"), 0);
+    let remaining: Vec<u32> = peek.per_quota().iter().map(|d| d.remaining()).collect();
+    assert_eq!(
+        remaining,
+        vec![0, 7],
+        "the 10/h quota was charged for the 3 admitted only"
+    );
+}

@@ -704,7 +704,13 @@ async fn fail_modes_with_a_failing_store() {
     };
     let open = layer(FailMode::Open);
     let closed = layer(FailMode::Closed);
-    let fallback = layer(FailMode::Fallback { divisor: 2 });
+    let fallback = RateLimitLayer::builder(quota)
+        .store(FailingStore::default())
+        .key(Global)
+        .fail_mode(FailMode::Fallback { divisor: 2 })
+        .degraded_header(true)
+        .build()
+        .unwrap();
     let app = Router::new()
         .route("/open", get(|| async { "" }).route_layer(open.clone()))
         .route("/closed", get(|| async { "" }).route_layer(closed.clone()))
@@ -786,4 +792,59 @@ async fn request_bodies_pass_through() {
         .await
         .unwrap();
     assert_eq!(res.text().await.unwrap().len(), 100_000);
+}
+
+/// Several quotas in one policy: all must admit, a denial charges none, every quota reports.
+#[tokio::test]
+async fn multi_quota_policy_reports_every_quota() {
+    let (store, clock) = manual_store();
+    let layer = RateLimitLayer::builder("2/s".parse().unwrap())
+        .and_quota("5/h".parse().unwrap())
+        .policy("multi")
+        .store(store)
+        .key(Global)
+        .build()
+        .unwrap();
+    let addr = serve(hello().layer(layer)).await;
+    let c = client();
+    let res = c.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        header(&res, "ratelimit-policy"),
+        Some("\"multi-2/s\";q=2;w=1, \"multi-5/h\";q=5;w=3600")
+    );
+    assert_eq!(
+        header(&res, "ratelimit"),
+        Some("\"multi-2/s\";r=1;t=1, \"multi-5/h\";r=4;t=720")
+    );
+    assert_eq!(sf_members(header(&res, "ratelimit").unwrap()).len(), 2);
+    c.get(format!("http://{addr}/")).send().await.unwrap();
+    // The per-second quota denies; the hourly one is not charged.
+    let res = c.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "retry-after"), Some("1"));
+    assert_eq!(
+        header(&res, "ratelimit"),
+        Some("\"multi-2/s\";r=0;t=1, \"multi-5/h\";r=3;t=720")
+    );
+    // Later the hourly quota binds: Retry-After is its (longest) wait.
+    for _ in 0..3 {
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(
+            c.get(format!("http://{addr}/"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    clock.advance(Duration::from_secs(1));
+    let res = c.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(res.status(), 429);
+    let retry: u64 = header(&res, "retry-after").unwrap().parse().unwrap();
+    assert!(
+        (700..=720).contains(&retry),
+        "the hourly quota's wait, got {retry}"
+    );
 }

@@ -56,6 +56,9 @@ pub struct MemoryStore<C: Clock = MonotonicClock> {
 
 struct Inner<C> {
     map: DashMap<Box<[u8]>, AtomicU64, ahash::RandomState>,
+    /// Policies of several quotas: one TAT per quota, updated together under the shard's
+    /// write lock so that the decision over all of them is atomic.
+    multi: DashMap<Box<[u8]>, Box<[u64]>, ahash::RandomState>,
     clock: C,
     max_keys: usize,
     /// Keys inserted since the last sweep, and the count the map had after it: together an
@@ -139,6 +142,7 @@ impl<C: Clock> MemoryStore<C> {
         Self {
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher(ahash::RandomState::new()),
+                multi: DashMap::with_hasher(ahash::RandomState::new()),
                 clock,
                 max_keys,
                 inserts: AtomicUsize::new(0),
@@ -155,6 +159,9 @@ impl<C: Clock> MemoryStore<C> {
         let now = inner.clock.now_micros();
         let mut buf = [0u8; MAX_COMPOSED];
         let composed = compose(&mut buf, policy, key);
+        if policy.quotas().len() > 1 {
+            return self.check_multi(composed, now, policy, cost);
+        }
         let quota = policy.quota();
         if let Some(tat) = inner.map.get(composed) {
             return charge(&tat, now, quota, cost);
@@ -176,20 +183,58 @@ impl<C: Clock> MemoryStore<C> {
         decision
     }
 
+    /// One atomic decision over every quota of a multi-quota policy.
+    fn check_multi(&self, composed: &[u8], now: u64, policy: &Policy, cost: u32) -> Decision {
+        let inner = &*self.inner;
+        let quotas = policy.quotas();
+        let decide = |tats: &mut [u64]| {
+            // A policy's quota count is fixed; an entry of another length cannot exist, but
+            // would be treated as fresh rather than trusted.
+            if tats.len() != quotas.len() {
+                tats.iter_mut().for_each(|t| *t = 0);
+            }
+            let step = gcra::step_all(tats, now, quotas, cost);
+            if let Some(writes) = &step.writes {
+                tats.copy_from_slice(writes);
+            }
+            step.decision
+        };
+        if let Some(mut tats) = inner.multi.get_mut(composed) {
+            return decide(&mut tats);
+        }
+        let fresh = vec![0u64; quotas.len()];
+        let step = gcra::step_all(&fresh, now, quotas, cost);
+        if step.writes.is_none() {
+            return step.decision;
+        }
+        inner.make_room(now);
+        let decision = {
+            let mut tats = inner
+                .multi
+                .entry(composed.into())
+                .or_insert_with(|| fresh.into_boxed_slice());
+            decide(&mut tats)
+        };
+        inner.after_insert(now);
+        decision
+    }
+
     /// How many keys are stored (entries for every policy).
     pub fn len(&self) -> usize {
-        self.inner.map.len()
+        self.inner.map.len() + self.inner.multi.len()
     }
 
     /// No keys are stored.
     pub fn is_empty(&self) -> bool {
-        self.inner.map.is_empty()
+        self.len() == 0
     }
 
     /// Forgets one key's state under `policy`.
     pub fn remove(&self, policy: &Policy, key: &Key) {
         let mut buf = [0u8; MAX_COMPOSED];
-        self.inner.map.remove(compose(&mut buf, policy, key));
+        let composed = compose(&mut buf, policy, key);
+        self.inner.map.remove(composed);
+        self.inner.multi.remove(composed);
     }
 
     /// Removes every state that is already fresh (its TAT has passed). This runs automatically;
@@ -257,8 +302,10 @@ impl<C> Inner<C> {
         if self.sweeping.swap(true, Ordering::Acquire) {
             return;
         }
+        let latest = |tats: &[u64]| tats.iter().copied().max().unwrap_or(0);
         self.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
-        let len = self.map.len();
+        self.multi.retain(|_, tats| latest(tats) > now);
+        let len = self.map.len() + self.multi.len();
         if len >= self.max_keys {
             let target = self.max_keys - self.max_keys / 16 - 1;
             let excess = len - target.min(len);
@@ -266,15 +313,18 @@ impl<C> Inner<C> {
                 .map
                 .iter()
                 .map(|e| e.value().load(Ordering::Relaxed))
+                .chain(self.multi.iter().map(|e| latest(e.value())))
                 .collect();
             if excess > 0 && excess <= tats.len() {
                 let (_, threshold, _) = tats.select_nth_unstable(excess - 1);
                 let threshold = *threshold;
                 self.map
                     .retain(|_, tat| tat.load(Ordering::Relaxed) > threshold);
+                self.multi.retain(|_, tats| latest(tats) > threshold);
             }
         }
-        self.swept_len.store(self.map.len(), Ordering::Relaxed);
+        self.swept_len
+            .store(self.map.len() + self.multi.len(), Ordering::Relaxed);
         self.inserts.store(0, Ordering::Relaxed);
         self.sweeping.store(false, Ordering::Release);
     }

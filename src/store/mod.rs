@@ -17,12 +17,17 @@ use crate::error::{ConfigError, StoreError};
 use crate::key::Key;
 use crate::quota::Quota;
 
-/// A named quota: the unit a store keeps state for. Stores namespace keys by the name, so two
-/// layers sharing one store with different policies never share state.
+/// A named quota, or several quotas checked together: the unit a store keeps state for.
+/// Stores namespace keys by the name, so two layers sharing one store with different policies
+/// never share state.
+///
+/// A policy with several quotas (say 10 per second with capacity 20 *and* 1000 per day) admits
+/// a request only if every quota admits it, in one atomic step; a denial charges none of them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Policy {
     name: Arc<str>,
-    quota: Quota,
+    /// Never empty; the first is the primary quota.
+    quotas: Arc<[Quota]>,
 }
 
 impl Policy {
@@ -35,6 +40,41 @@ impl Policy {
     /// [`ConfigError::PolicyName`] unless the name is 1 to 64 characters of ASCII letters,
     /// digits and `-_.:` (it is sent inside `RateLimit` header strings and used in store keys).
     pub fn new(name: &str, quota: Quota) -> Result<Self, ConfigError> {
+        Self::multi(name, [quota])
+    }
+
+    /// The most quotas one policy may combine.
+    pub const MAX_QUOTAS: usize = 8;
+
+    /// A policy called `name` that admits a request only if every one of `quotas` admits it.
+    ///
+    /// ```
+    /// use tollgate::{Policy, Quota};
+    ///
+    /// let api = Policy::multi("api", ["10/s;capacity=20".parse::<Quota>()?, "1000/d".parse()?])?;
+    /// assert_eq!(api.quotas().len(), 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::PolicyName`] as for [`Policy::new`]; [`ConfigError::Invalid`] for no
+    /// quotas, more than [`Policy::MAX_QUOTAS`], or the same quota twice.
+    pub fn multi(name: &str, quotas: impl IntoIterator<Item = Quota>) -> Result<Self, ConfigError> {
+        let quotas: Vec<Quota> = quotas.into_iter().collect();
+        if quotas.is_empty() || quotas.len() > Self::MAX_QUOTAS {
+            return Err(ConfigError::Invalid(format!(
+                "policy {name:?} has {} quotas; give it 1 to {}",
+                quotas.len(),
+                Self::MAX_QUOTAS
+            )));
+        }
+        for (i, q) in quotas.iter().enumerate() {
+            if quotas[..i].contains(q) {
+                return Err(ConfigError::Invalid(format!(
+                    "policy {name:?} lists the quota {q} twice; remove one"
+                )));
+            }
+        }
         let valid = !name.is_empty()
             && name.len() <= Self::MAX_NAME_LEN
             && name
@@ -45,7 +85,7 @@ impl Policy {
         }
         Ok(Self {
             name: name.into(),
-            quota,
+            quotas: quotas.into(),
         })
     }
 
@@ -53,7 +93,7 @@ impl Policy {
     pub(crate) fn named_default(quota: Quota) -> Self {
         Self {
             name: "default".into(),
-            quota,
+            quotas: Arc::new([quota]),
         }
     }
 
@@ -62,9 +102,31 @@ impl Policy {
         &self.name
     }
 
-    /// The quota it enforces.
+    /// The (first) quota it enforces.
+    #[inline]
     pub fn quota(&self) -> &Quota {
-        &self.quota
+        &self.quotas[0]
+    }
+
+    /// Every quota it enforces, the first being [`Policy::quota`].
+    pub fn quotas(&self) -> &[Quota] {
+        &self.quotas
+    }
+
+    /// The same policy with each quota divided by `divisor` (see [`Quota::divided`]).
+    ///
+    /// # Errors
+    /// [`QuotaError::ZeroDivisor`](crate::QuotaError::ZeroDivisor) for 0.
+    pub fn divided(&self, divisor: u32) -> Result<Self, crate::QuotaError> {
+        let quotas = self
+            .quotas
+            .iter()
+            .map(|q| q.divided(divisor))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name: Arc::clone(&self.name),
+            quotas: quotas.into(),
+        })
     }
 }
 

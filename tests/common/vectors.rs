@@ -169,3 +169,73 @@ pub async fn run_all(target: &mut impl Target, run: &str) {
         }
     }
 }
+
+/// One request of the multi-quota vector M1 and what the store must answer.
+#[derive(Debug, Clone, Copy)]
+pub struct MultiRow {
+    pub t_ms: u64,
+    pub cost: u32,
+    pub outcome: Outcome,
+    /// Each quota's remaining, in the policy's order.
+    pub remaining: [u32; 2],
+    pub retry_ms: Option<u64>,
+}
+
+/// M1: policy "multi" = 2/s (T = 500 ms, B = 2) AND 5/h (T = 720 s, B = 5). A request passes
+/// only if both admit it; a denial charges neither (the admitting quota reports its state
+/// unchanged); Retry-After is the binding quota's wait.
+pub fn multi_vector() -> (&'static [&'static str], Vec<MultiRow>) {
+    let r = |t_ms, cost, outcome, remaining, retry_ms| MultiRow {
+        t_ms,
+        cost,
+        outcome,
+        remaining,
+        retry_ms,
+    };
+    (
+        &["2/s", "5/h"],
+        vec![
+            r(0, 1, A, [1, 4], None),
+            r(0, 1, A, [0, 3], None),
+            r(0, 1, D, [0, 3], Some(500)),
+            r(500, 1, A, [0, 2], None),
+            r(1000, 1, A, [0, 1], None),
+            r(2000, 1, A, [1, 0], None),
+            r(3000, 1, D, [2, 0], Some(717_000)),
+            r(3000, 3, I, [2, 0], None),
+            r(3000, 0, A, [2, 0], None),
+        ],
+    )
+}
+
+/// Runs M1 against `target` on its own key, panicking on the first difference.
+pub async fn run_multi(target: &mut impl Target, run: &str) {
+    let (quotas, rows) = multi_vector();
+    let quotas: Vec<Quota> = quotas.iter().map(|q| q.parse().unwrap()).collect();
+    let policy = Policy::multi("multi", quotas).unwrap();
+    let key = Key::from(format!("{run}-M1"));
+    for (i, row) in rows.iter().enumerate() {
+        let d = target.check(&policy, &key, row.t_ms, row.cost).await;
+        let at = format!("M1 row {i} {row:?}: got {d:?}");
+        assert_eq!(d.outcome(), row.outcome, "outcome, {at}");
+        let remaining: Vec<u32> = d.per_quota().iter().map(|q| q.remaining()).collect();
+        assert_eq!(
+            remaining,
+            row.remaining.to_vec(),
+            "remaining per quota, {at}"
+        );
+        if row.outcome != Outcome::Impossible {
+            // The binding quota speaks for the policy: the fewest remaining.
+            assert_eq!(
+                d.remaining(),
+                *row.remaining.iter().min().unwrap(),
+                "remaining, {at}"
+            );
+        }
+        assert_eq!(
+            d.retry_after(),
+            row.retry_ms.map(Duration::from_millis),
+            "retry_after, {at}"
+        );
+    }
+}
