@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Routes: `GET /api/hello` (policy "default"), `GET /api/expensive` ("default" and
-//! "expensive"), `GET /api/quota` (a peek at "default": cost 0, consumes nothing),
+//! "expensive"), `GET /api/multi` (policy "multi": several quotas, one atomic decision),
+//! `GET /api/quota` (a peek at "default": cost 0, consumes nothing),
 //! `GET /healthz` (never limited), and with `--admin-token` `GET /admin/stats` and
 //! `POST /admin/reset/{key}`. `--help` lists the flags.
 
@@ -45,6 +46,8 @@ USAGE: cargo run --example demo -- [FLAGS]
   --store-timeout-ms N     store command timeout (default 50)
   --headers STYLE          ietf | legacy | both | none (default ietf)
   --admin-token TOKEN      enables /admin/*, which then needs \"Authorization: Bearer TOKEN\"
+  --multi-quotas LIST      policy \"multi\" on GET /api/multi: comma-separated quotas, all checked in
+                           one atomic decision (default \"2/s,5/h\"); a denial charges none of them
   --help                   this text
 ";
 
@@ -63,6 +66,7 @@ struct Args {
     store_timeout_ms: u64,
     headers: HeaderStyle,
     admin_token: Option<String>,
+    multi_quotas: Vec<Quota>,
 }
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
@@ -79,6 +83,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
         store_timeout_ms: 50,
         headers: HeaderStyle::Ietf,
         admin_token: None,
+        multi_quotas: parse_quota_list("2/s,5/h")?,
     };
     while let Some(flag) = argv.next() {
         if flag == "--help" || flag == "-h" {
@@ -129,10 +134,20 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 args.headers = v.parse().map_err(|e| bad(&v, &e))?;
             }
             "--admin-token" => args.admin_token = Some(value()?),
+            "--multi-quotas" => {
+                let v = value()?;
+                args.multi_quotas = parse_quota_list(&v).map_err(|e| bad(&v, &e))?;
+            }
             other => return Err(format!("unknown flag {other:?}")),
         }
     }
     Ok(Some(args))
+}
+
+fn parse_quota_list(list: &str) -> Result<Vec<Quota>, String> {
+    list.split(',')
+        .map(|q| q.trim().parse::<Quota>().map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// The key extractor chosen with `--key`, behind one type.
@@ -197,6 +212,7 @@ struct AppState<St: Store> {
     store: St,
     default: RateLimitLayer<St, DemoKey>,
     expensive: RateLimitLayer<St, DemoKey>,
+    multi: RateLimitLayer<St, DemoKey>,
     admin_token: Option<String>,
 }
 
@@ -210,6 +226,7 @@ where
             store: self.store.clone(),
             default: self.default.clone(),
             expensive: self.expensive.clone(),
+            multi: self.multi.clone(),
             admin_token: self.admin_token.clone(),
         }
     }
@@ -236,7 +253,7 @@ fn app<St: Store + Clone>(
         .fail_mode(fail_mode)
         .skip(|req| {
             let path = req.uri.path();
-            path == "/healthz" || path.starts_with("/admin/")
+            path == "/healthz" || path == "/api/multi" || path.starts_with("/admin/")
         })
         .cost(|req| u32::from(req.uri.path() != "/api/quota"))
         .build()
@@ -244,16 +261,31 @@ fn app<St: Store + Clone>(
     let expensive = RateLimitLayer::builder(args.expensive_rate)
         .policy("expensive")
         .store(store.clone())
-        .key(key)
+        .key(key.clone())
         .headers(args.headers)
         .fail_mode(fail_mode)
         .build()
         .map_err(|e| format!("policy expensive: {e}"))?;
+    let (first, more) = args
+        .multi_quotas
+        .split_first()
+        .ok_or("--multi-quotas needs at least one quota")?;
+    let multi = more
+        .iter()
+        .fold(RateLimitLayer::builder(*first), |b, q| b.and_quota(*q))
+        .policy("multi")
+        .store(store.clone())
+        .key(key.clone())
+        .headers(args.headers)
+        .fail_mode(fail_mode)
+        .build()
+        .map_err(|e| format!("--multi-quotas: {e}"))?;
     let state = AppState {
         store_name,
         store,
         default: default.clone(),
         expensive: expensive.clone(),
+        multi: multi.clone(),
         admin_token: args.admin_token.clone(),
     };
     let mut router = Router::new()
@@ -263,6 +295,7 @@ fn app<St: Store + Clone>(
             get(expensive_handler).route_layer(expensive),
         )
         .route("/api/quota", get(quota))
+        .route("/api/multi", get(multi_handler).route_layer(multi))
         .route("/healthz", get(|| async { "ok\n" }));
     if state.admin_token.is_some() {
         router = router
@@ -277,6 +310,11 @@ async fn hello(decision: Option<Extension<Decision>>) -> Json<serde_json::Value>
         "message": "hello",
         "remaining": decision.map(|Extension(d)| d.remaining()),
     }))
+}
+
+async fn multi_handler(Extension(d): Extension<Decision>) -> Json<serde_json::Value> {
+    let remaining: Vec<u32> = d.per_quota().iter().map(Decision::remaining).collect();
+    Json(json!({ "message": "every quota admitted this", "remaining": remaining }))
 }
 
 async fn expensive_handler() -> Json<serde_json::Value> {
@@ -324,7 +362,12 @@ async fn stats<St: Store>(State(state): State<AppState<St>>, headers: HeaderMap)
     let policy = |layer: &RateLimitLayer<St, DemoKey>| {
         let s = layer.stats();
         json!({
-            "quota": layer.policy().quota().to_string(),
+            "quotas": layer
+                .policy()
+                .quotas()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
             "allowed": s.allowed,
             "denied": s.denied,
             "dry_run_denied": s.dry_run_denied,
@@ -338,6 +381,7 @@ async fn stats<St: Store>(State(state): State<AppState<St>>, headers: HeaderMap)
         "policies": {
             "default": policy(&state.default),
             "expensive": policy(&state.expensive),
+            "multi": policy(&state.multi),
         }
     }))
     .into_response()
@@ -352,12 +396,13 @@ async fn reset<St: Store>(
         return unauthorized();
     }
     let key = Key::from(key.as_str());
-    for layer in [&state.default, &state.expensive] {
+    for layer in [&state.default, &state.expensive, &state.multi] {
         if let Err(e) = state.store.reset(layer.policy(), &key).await {
             return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
         }
     }
-    Json(json!({ "reset": key.to_string(), "policies": ["default", "expensive"] })).into_response()
+    Json(json!({ "reset": key.to_string(), "policies": ["default", "expensive", "multi"] }))
+        .into_response()
 }
 
 async fn shutdown_signal() {

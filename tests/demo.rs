@@ -104,3 +104,31 @@ fn bad_flags_exit_2_with_a_message() {
         assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn multi_quota_route_checks_every_quota_atomically() {
+    let demo = Demo::start(&["--multi-quotas", "2/m,3/h"]);
+    let c = reqwest::blocking::Client::new();
+    let get_multi = || c.get(demo.url("/api/multi")).send().unwrap();
+    let res = get_multi();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["ratelimit-policy"],
+        "\"multi-2/m\";q=2;w=60, \"multi-3/h\";q=3;w=3600"
+    );
+    assert_eq!(
+        res.headers()["ratelimit"],
+        "\"multi-2/m\";r=1;t=30, \"multi-3/h\";r=2;t=1200"
+    );
+    assert_eq!(get_multi().status(), 200);
+    let res = get_multi();
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["retry-after"], "30");
+    // The denial charged neither quota: the hourly one still has 1 left.
+    assert_eq!(
+        res.headers()["ratelimit"],
+        "\"multi-2/m\";r=0;t=30, \"multi-3/h\";r=1;t=1200"
+    );
+    // /api/multi is not under the global policy.
+    assert!(!res.headers()["ratelimit-policy"].to_str().unwrap().contains("default"));
+}
