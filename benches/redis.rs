@@ -146,10 +146,19 @@ fn cell_so() -> Option<String> {
         .find(|p| std::path::Path::new(p).is_file())
 }
 
+/// `min-max (median m)` of a set of ratios.
 fn range(v: &[f64]) -> String {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{min:.2}-{max:.2}")
+    let mut sorted: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if sorted.is_empty() {
+        return "n/a".to_owned();
+    }
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    format!(
+        "{:.2}-{:.2} (median {median:.2})",
+        sorted[0],
+        sorted[sorted.len() - 1]
+    )
 }
 
 fn main() {
