@@ -38,8 +38,9 @@ use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
 
 pub use errors::RedisConfigError;
 
-use crate::decision::{Decision, Outcome};
+use crate::decision::Decision;
 use crate::error::StoreError;
+use crate::gcra;
 use crate::key::Key;
 use crate::quota::Quota;
 use crate::store::{Policy, Store};
@@ -213,7 +214,7 @@ impl RedisStore {
         now_micros: u64,
     ) -> Result<Decision, StoreError> {
         let cmd = self.inner.eval_cmd(policy, key, cost, Some(now_micros));
-        self.inner.decide(cmd, *policy.quota()).await
+        self.inner.decide(cmd, *policy.quota(), cost).await
     }
 
     /// Loads the script into Redis (every primary, in a cluster) ahead of the first decision.
@@ -406,9 +407,9 @@ impl Inner {
         }
     }
 
-    async fn decide(&self, cmd: Cmd, quota: Quota) -> Result<Decision, StoreError> {
+    async fn decide(&self, cmd: Cmd, quota: Quota, cost: u32) -> Result<Decision, StoreError> {
         let reply = self.timed(self.eval(&cmd)).await?;
-        decision(&reply, &quota)
+        decision(&reply, &quota, cost)
     }
 
     async fn del(&self, key: Vec<u8>) -> Result<(), StoreError> {
@@ -451,36 +452,19 @@ async fn send<C: ConnectionLike>(conn: &mut C, cmd: &Cmd) -> Result<Value, Redis
     }
 }
 
-/// The script's reply `{outcome, remaining, used, retry}` as a decision.
-fn decision(reply: &Value, quota: &Quota) -> Result<Decision, StoreError> {
-    let bad = || errors::unexpected(format!("the rate-limit script answered {reply:?}"));
-    let Value::Array(items) = reply else {
-        return Err(bad());
-    };
-    let mut ints = [0u64; 4];
-    if items.len() != ints.len() {
-        return Err(bad());
-    }
-    for (slot, item) in ints.iter_mut().zip(items) {
-        match item {
-            Value::Int(i) => *slot = u64::try_from(*i).map_err(|_| bad())?,
-            _ => return Err(bad()),
+/// The script's reply, `used` (the TAT's lead over Redis's `now`, in microseconds, before this
+/// request), as a decision: the script allowed and wrote exactly when the in-memory GCRA allows
+/// `cost` from that state, so running that same function on it gives the numbers to report.
+fn decision(reply: &Value, quota: &Quota, cost: u32) -> Result<Decision, StoreError> {
+    match reply {
+        Value::Int(used) if *used >= 0 => {
+            // `now = 0`, stored TAT = used: the same relative state the script saw.
+            Ok(gcra::step(used.unsigned_abs(), 0, quota, cost).decision)
         }
+        other => Err(errors::unexpected(format!(
+            "the rate-limit script answered {other:?} instead of a non-negative integer"
+        ))),
     }
-    let [outcome, remaining, used, retry] = ints;
-    let outcome = match outcome {
-        0 => Outcome::Allowed,
-        1 if retry > 0 => Outcome::Denied,
-        2 => Outcome::Impossible,
-        _ => return Err(bad()),
-    };
-    // `remaining` is derived from `used` by the same formula on both sides; the script's copy
-    // is only checked for consistency.
-    let decision = Decision::new(outcome, quota, used, retry);
-    if u64::from(decision.remaining()) != remaining.min(u64::from(quota.capacity())) {
-        return Err(bad());
-    }
-    Ok(decision)
 }
 
 impl Store for RedisStore {
@@ -490,7 +474,7 @@ impl Store for RedisStore {
         let cmd = self.inner.eval_cmd(policy, key, cost, None);
         let quota = *policy.quota();
         let inner = Arc::clone(&self.inner);
-        Box::pin(async move { inner.decide(cmd, quota).await })
+        Box::pin(async move { inner.decide(cmd, quota, cost).await })
     }
 
     fn reset(
@@ -512,19 +496,22 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn reply(v: [i64; 4]) -> Value {
-        Value::Array(v.iter().map(|i| Value::Int(*i)).collect())
-    }
-
     #[test]
     fn replies_become_decisions_like_the_memory_store() {
         let q = quota("5/5s");
-        let want = crate::gcra::step(0, 1_000_000, &q, 1).decision;
-        let got = decision(&reply([0, 4, 1_000_000, 0]), &q).unwrap();
-        assert_eq!(got, want);
-        let d = decision(&reply([1, 0, 5_000_000, 1_000_000]), &q).unwrap();
+        // Fresh key, cost 1: allowed, 4 left.
+        let want = gcra::step(0, 1_000_000, &q, 1).decision;
+        assert_eq!(decision(&Value::Int(0), &q, 1).unwrap(), want);
+        // Five charged (used 5 s): denied, retry 1 s.
+        let d = decision(&Value::Int(5_000_000), &q, 1).unwrap();
+        assert_eq!(d.outcome(), crate::Outcome::Denied);
         assert_eq!(d.retry_after(), Some(Duration::from_secs(1)));
         assert_eq!(d.next_available(), Duration::from_secs(1));
+        // Cost above capacity: impossible, whatever the state.
+        let d = decision(&Value::Int(0), &q, 6).unwrap();
+        assert_eq!(d.outcome(), crate::Outcome::Impossible);
+        // A corrupted huge TAT saturates instead of panicking.
+        assert!(!decision(&Value::Int(i64::MAX), &q, 1).unwrap().is_allowed());
     }
 
     #[test]
@@ -532,14 +519,12 @@ mod tests {
         let q = quota("5/5s");
         for v in [
             Value::Nil,
-            Value::Int(1),
-            reply([3, 0, 0, 0]),
-            reply([0, -1, 0, 0]),
-            reply([1, 0, 0, 0]),
+            Value::Int(-1),
+            Value::Int(i64::MIN),
             Value::Array(vec![Value::Int(0)]),
-            Value::Array(vec![Value::Nil; 4]),
+            Value::SimpleString("OK".into()),
         ] {
-            let e = decision(&v, &q).unwrap_err();
+            let e = decision(&v, &q, 1).unwrap_err();
             assert_eq!(e.kind(), crate::StoreErrorKind::UnexpectedReply, "{v:?}");
         }
     }
