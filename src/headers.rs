@@ -16,9 +16,9 @@
 //! at full capacity, or that instant as Unix epoch seconds with [`ResetStyle::Epoch`].
 //! Integers are clamped to 15 digits, the limit of structured-field Integers.
 
-use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::decision::Decision;
@@ -106,6 +106,8 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
 pub(crate) struct PolicyFields {
     /// `"name";q=L;w=W`, one member per quota, joined.
     policy_member: String,
+    /// The same, ready to insert without allocating.
+    policy_value: HeaderValue,
     /// `"name"` per quota: the policy's name, or for a policy of several quotas
     /// `"name-<quota>"` (e.g. `"api-10/s"`, `"api-1000/d"`).
     quoted_names: Vec<String>,
@@ -133,6 +135,9 @@ impl PolicyFields {
             .collect::<Vec<_>>()
             .join(", ");
         Self {
+            // Printable ASCII only: validated policy names and digits.
+            policy_value: HeaderValue::from_str(&policy_member)
+                .unwrap_or_else(|_| HeaderValue::from_static("\"invalid\";q=0")),
             policy_member,
             quoted_names,
         }
@@ -148,18 +153,28 @@ pub(crate) fn apply(
     decision: &Decision,
 ) {
     if style.ietf() {
-        let mut member = String::with_capacity(32 * fields.quoted_names.len());
+        let mut member = Vec::with_capacity(48 * fields.quoted_names.len());
+        let mut digits = itoa::Buffer::new();
         for (name, d) in fields.quoted_names.iter().zip(decision.per_quota()) {
             if !member.is_empty() {
-                member.push_str(", ");
+                member.extend_from_slice(b", ");
             }
-            member.push_str(name);
-            let r = u64::from(d.remaining()).min(SF_INTEGER_MAX);
-            let t = ceil_secs(d.next_available());
-            let _ = write!(member, ";r={r};t={t}");
+            member.extend_from_slice(name.as_bytes());
+            member.extend_from_slice(b";r=");
+            member.extend_from_slice(digits.format(d.remaining()).as_bytes());
+            member.extend_from_slice(b";t=");
+            member.extend_from_slice(digits.format(ceil_secs(d.next_available())).as_bytes());
         }
-        prepend_member(headers, &RATELIMIT_POLICY, &fields.policy_member);
-        prepend_member(headers, &RATELIMIT, &member);
+        if headers.contains_key(&RATELIMIT_POLICY) {
+            prepend_member(headers, &RATELIMIT_POLICY, fields.policy_member.as_bytes());
+        } else {
+            headers.insert(RATELIMIT_POLICY.clone(), fields.policy_value.clone());
+        }
+        if headers.contains_key(&RATELIMIT) {
+            prepend_member(headers, &RATELIMIT, &member);
+        } else if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(member)) {
+            headers.insert(RATELIMIT.clone(), v);
+        }
     }
     if style.legacy() {
         let remaining = u64::from(decision.remaining());
@@ -190,17 +205,16 @@ pub(crate) fn apply(
 
 /// Puts `member` first in the list field `name`, joining every existing line into one list,
 /// so the field reads in the order the layers ran (outermost first).
-fn prepend_member(headers: &mut HeaderMap, name: &HeaderName, member: &str) {
-    let mut value = String::with_capacity(member.len() + 32);
-    value.push_str(member);
+fn prepend_member(headers: &mut HeaderMap, name: &HeaderName, member: &[u8]) {
+    let mut value = Vec::with_capacity(member.len() + 64);
+    value.extend_from_slice(member);
     for existing in headers.get_all(name) {
-        if let Ok(text) = existing.to_str() {
-            value.push_str(", ");
-            value.push_str(text);
-        }
+        value.extend_from_slice(b", ");
+        value.extend_from_slice(existing.as_bytes());
     }
-    // Every part is printable ASCII (validated policy names, digits), so this cannot fail.
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    // Our parts are printable ASCII (validated policy names, digits), and existing values were
+    // valid header values, so this cannot fail.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(name.clone(), v);
     }
 }

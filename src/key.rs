@@ -37,8 +37,18 @@ use crate::error::ConfigError;
 /// the hex SHA-256 of its bytes (65 bytes in all). The mapping stays injective (a kept key is
 /// never 65 bytes long), and a client sending a 64 KiB API key costs the store no more memory
 /// than any other client.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(Bytes);
+#[derive(Clone)]
+pub struct Key(Repr);
+
+/// Short keys (IP addresses, typical API keys) live inline: building one allocates nothing.
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Shared(Bytes),
+}
+
+/// The longest key stored inline.
+const INLINE: usize = 38;
 
 impl Key {
     /// The longest key kept verbatim; longer keys are hashed.
@@ -47,17 +57,51 @@ impl Key {
     /// A key from any bytes; hashed when longer than [`Key::MAX_LEN`].
     pub fn new(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
-        if bytes.len() <= Self::MAX_LEN {
-            return Self(bytes);
+        if bytes.len() <= INLINE {
+            return Self::from_slice(&bytes);
         }
-        let digest = Sha256::digest(&bytes);
+        if bytes.len() <= Self::MAX_LEN {
+            return Self(Repr::Shared(bytes));
+        }
+        Self::from_parts(&[&bytes])
+    }
+
+    /// A key from borrowed bytes: no allocation when it is short.
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        Self::from_parts(&[bytes])
+    }
+
+    /// A key from the concatenation of `parts`, without building the concatenation first:
+    /// inline when short, hashed piece by piece when long.
+    pub fn from_parts(parts: &[&[u8]]) -> Self {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len <= INLINE {
+            let mut bytes = [0u8; INLINE];
+            let mut at = 0;
+            for part in parts {
+                bytes[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            // len <= INLINE < 256.
+            return Self(Repr::Inline {
+                len: len as u8,
+                bytes,
+            });
+        }
+        if len <= Self::MAX_LEN {
+            return Self(Repr::Shared(Bytes::from(parts.concat())));
+        }
+        let mut hasher = Sha256::new();
+        for part in parts {
+            hasher.update(part);
+        }
         let mut out = Vec::with_capacity(1 + 64);
         out.push(b'#');
-        for byte in digest {
+        for byte in hasher.finalize() {
             out.push(HEX[usize::from(byte >> 4)]);
             out.push(HEX[usize::from(byte & 0xf)]);
         }
-        Self(Bytes::from(out))
+        Self(Repr::Shared(Bytes::from(out)))
     }
 
     /// A key from a static string, without allocating (hashed if it is too long).
@@ -66,8 +110,38 @@ impl Key {
     }
 
     /// The key's bytes (after hashing, if it was long).
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Shared(b) => b,
+        }
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 
@@ -82,7 +156,7 @@ impl fmt::Debug for Key {
 /// Shows the key as text, with bytes that are not printable ASCII escaped as `\xNN`.
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0.escape_ascii().to_string())
+        f.write_str(&self.as_bytes().escape_ascii().to_string())
     }
 }
 
@@ -94,7 +168,7 @@ impl From<String> for Key {
 
 impl From<&str> for Key {
     fn from(s: &str) -> Self {
-        Self::new(Bytes::copy_from_slice(s.as_bytes()))
+        Self::from_slice(s.as_bytes())
     }
 }
 
@@ -106,7 +180,7 @@ impl From<Vec<u8>> for Key {
 
 impl From<&[u8]> for Key {
     fn from(v: &[u8]) -> Self {
-        Self::new(Bytes::copy_from_slice(v))
+        Self::from_slice(v)
     }
 }
 
@@ -118,14 +192,34 @@ impl From<Bytes> for Key {
 
 impl From<IpAddr> for Key {
     fn from(ip: IpAddr) -> Self {
-        Self::new(ip.to_string())
+        match ip {
+            IpAddr::V4(v4) => ipv4_key(&[], v4),
+            IpAddr::V6(v6) => Self::new(v6.to_string()),
+        }
     }
 }
 
 impl From<u64> for Key {
     fn from(n: u64) -> Self {
-        Self::new(n.to_string())
+        Self::from_slice(itoa::Buffer::new().format(n).as_bytes())
     }
+}
+
+/// `prefix` + dotted IPv4, formatted without `core::fmt` and without allocating.
+fn ipv4_key(prefix: &[u8], ip: std::net::Ipv4Addr) -> Key {
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(octet).as_bytes();
+        text[len..len + digits.len()].copy_from_slice(digits);
+        len += digits.len();
+    }
+    Key::from_parts(&[prefix, &text[..len]])
 }
 
 /// Turns a request into the key it is limited under, or `None` for "not limited".
@@ -291,14 +385,17 @@ impl ClientIp {
     }
 
     /// The key text for `ip`: IPv4 as is, IPv6 as its prefix (`2001:db8:abcd::/56`).
-    fn key_for(&self, ip: IpAddr) -> Key {
+    fn key_for(&self, prefix: &[u8], ip: IpAddr) -> Key {
         match ip {
-            IpAddr::V4(v4) => Key::from(v4.to_string()),
-            IpAddr::V6(v6) if self.ipv6_prefix == 128 => Key::from(v6.to_string()),
+            IpAddr::V4(v4) => ipv4_key(prefix, v4),
+            IpAddr::V6(v6) if self.ipv6_prefix == 128 => {
+                Key::from_parts(&[prefix, v6.to_string().as_bytes()])
+            }
             IpAddr::V6(v6) => {
                 let mask = u128::MAX << (128 - u32::from(self.ipv6_prefix));
                 let net = Ipv6Addr::from(u128::from(v6) & mask);
-                Key::from(format!("{net}/{}", self.ipv6_prefix))
+                let text = format!("{net}/{}", self.ipv6_prefix);
+                Key::from_parts(&[prefix, text.as_bytes()])
             }
         }
     }
@@ -307,9 +404,10 @@ impl ClientIp {
         self.trusted.iter().any(|net| net.contains(&ip))
     }
 
-    pub(crate) fn key_or_unknown(&self, req: &Parts) -> Key {
+    /// The key for the request's client, after `prefix`.
+    pub(crate) fn key_or_unknown(&self, prefix: &[u8], req: &Parts) -> Key {
         match self.client_addr(req) {
-            Some(ip) => self.key_for(ip),
+            Some(ip) => self.key_for(prefix, ip),
             None => {
                 if !self.warned.swap(true, Ordering::Relaxed) {
                     tracing::error!(
@@ -320,7 +418,7 @@ impl ClientIp {
                          tollgate::key::PeerAddr extension"
                     );
                 }
-                Key::from_static("unknown")
+                Key::from_parts(&[prefix, b"unknown"])
             }
         }
     }
@@ -328,7 +426,7 @@ impl ClientIp {
 
 impl KeyExtractor for ClientIp {
     fn extract(&self, req: &Parts) -> Option<Key> {
-        Some(self.key_or_unknown(req))
+        Some(self.key_or_unknown(b"", req))
     }
 }
 
@@ -458,18 +556,10 @@ impl ApiKeyOrIp {
 
 impl KeyExtractor for ApiKeyOrIp {
     fn extract(&self, req: &Parts) -> Option<Key> {
-        let mut text = Vec::with_capacity(Key::MAX_LEN);
-        match self.header.value(req) {
-            Some(v) => {
-                text.extend_from_slice(b"key:");
-                text.extend_from_slice(v);
-            }
-            None => {
-                text.extend_from_slice(b"ip:");
-                text.extend_from_slice(self.ip.key_or_unknown(req).as_bytes());
-            }
-        }
-        Some(Key::new(text))
+        Some(match self.header.value(req) {
+            Some(v) => Key::from_parts(&[b"key:", v]),
+            None => self.ip.key_or_unknown(b"ip:", req),
+        })
     }
 }
 

@@ -49,16 +49,20 @@ impl Rejection {
     ) -> Response<RateLimitBody<B>> {
         let (content_type, body) = match &self.body {
             RejectionBody::Text => {
-                let text = match retry {
-                    Some(r) => format!(
-                        "Too Many Requests: policy \"{policy}\", retry after {} s\n",
-                        ceil_secs(r).max(1)
+                let mut text = Vec::with_capacity(96);
+                text.extend_from_slice(b"Too Many Requests: policy \"");
+                text.extend_from_slice(policy.as_bytes());
+                match retry {
+                    Some(r) => {
+                        text.extend_from_slice(b"\", retry after ");
+                        let secs = ceil_secs(r).max(1);
+                        text.extend_from_slice(itoa::Buffer::new().format(secs).as_bytes());
+                        text.extend_from_slice(b" s\n");
+                    }
+                    None => text.extend_from_slice(
+                        b"\", this request costs more than the policy ever admits at once\n",
                     ),
-                    None => format!(
-                        "Too Many Requests: policy \"{policy}\", this request costs more than the \
-                         policy ever admits at once\n"
-                    ),
-                };
+                }
                 (
                     Some(HeaderValue::from_static("text/plain; charset=utf-8")),
                     Bytes::from(text),
@@ -84,6 +88,8 @@ impl Rejection {
         };
         let mut res = Response::new(RateLimitBody::rejection(body));
         *res.status_mut() = self.status;
+        // Room for every field a rejection carries, so inserting them never regrows the map.
+        *res.headers_mut() = http::HeaderMap::with_capacity(8);
         if let Some(ct) = content_type {
             res.headers_mut().insert(header::CONTENT_TYPE, ct);
         }

@@ -1,0 +1,61 @@
+//! The layer's cost per request inside one process (no sockets): an axum hello-world router
+//! called through `tower::ServiceExt::oneshot`, with no limiter, with a MemoryStore layer that
+//! admits everything, and with one that denies everything, in one criterion group.
+//!
+//! Run: `cargo bench --bench middleware`. For the same over real HTTP see `scripts/bench-http`.
+
+use std::net::SocketAddr;
+
+use axum::{Router, body::Body, routing::get};
+use criterion::{Criterion, criterion_group, criterion_main};
+use tollgate::key::{ClientIp, PeerAddr};
+use tollgate::{Quota, RateLimitLayer};
+use tower::ServiceExt;
+
+fn request() -> http::Request<Body> {
+    let mut req = http::Request::builder()
+        .uri("/")
+        .body(Body::empty())
+        .unwrap_or_default();
+    req.extensions_mut()
+        .insert(PeerAddr(SocketAddr::from(([203, 0, 113, 7], 40_000))));
+    req
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let hello = || Router::new().route("/", get(|| async { "hello" }));
+    let allowed: Quota = "1000000/s;capacity=1000000000"
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let denied: Quota = "1/d".parse().unwrap_or_else(|e| panic!("{e}"));
+    let apps = [
+        ("no limiter", hello()),
+        (
+            "allowed",
+            hello().layer(RateLimitLayer::new(allowed, ClientIp::new())),
+        ),
+        (
+            "denied (429)",
+            hello().layer(RateLimitLayer::new(denied, ClientIp::new())),
+        ),
+    ];
+    let mut group = c.benchmark_group("axum hello world, in process");
+    for (name, app) in apps {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let app = app.clone();
+                rt.block_on(async move {
+                    let res = app.oneshot(request()).await;
+                    std::hint::black_box(res.map(|r| r.status()))
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
