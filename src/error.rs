@@ -112,6 +112,9 @@ pub enum StoreErrorKind {
     UnexpectedReply,
     /// The store refused the command (any other server error).
     Server,
+    /// A [`CircuitBreaker`](crate::CircuitBreaker) is open after repeated failures, so the store
+    /// was not called at all; the layer's fail mode decides at once.
+    CircuitOpen,
     /// The store was unusable for another reason.
     Other,
 }
@@ -126,6 +129,7 @@ impl fmt::Display for StoreErrorKind {
             Self::CrossSlot => "keys in different cluster slots",
             Self::UnexpectedReply => "unexpected reply",
             Self::Server => "server error",
+            Self::CircuitOpen => "circuit breaker open",
             Self::Other => "failed",
         })
     }

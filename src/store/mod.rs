@@ -5,9 +5,14 @@
 //! [`MemoryStore`](crate::MemoryStore) for one process, and `RedisStore` (feature `redis`) for
 //! many app servers sharing one limit. Implement the trait to plug in your own.
 
+pub mod breaker;
+pub mod deny_cache;
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
+
+pub use breaker::{BreakerConfig, BreakerFuture, BreakerState, BreakerStats, CircuitBreaker};
+pub use deny_cache::{DenyCache, DenyCacheFuture, DenyCacheStats};
 
 use std::future::Future;
 use std::sync::Arc;

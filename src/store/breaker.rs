@@ -1,0 +1,630 @@
+//! [`CircuitBreaker`]: stops calling a failing store for a cool-down, so that the layer's
+//! [`FailMode`](crate::FailMode) decides at once instead of after a timeout per request.
+//!
+//! A store that is down or stalled costs every request its full timeout (Redis: the command
+//! timeout, 50 ms by default). The breaker counts consecutive failures (any [`StoreError`],
+//! timeouts included):
+//!
+//! - **Closed** (normal): every check goes to the store. After `failures` consecutive failures
+//!   (default 3) it **opens**.
+//! - **Open**: checks fail at once with [`StoreErrorKind::CircuitOpen`], without calling the
+//!   store, for `cooldown` (default 1 s). The layer's fail mode applies with no store latency.
+//! - **Half-open**: after the cool-down, exactly one check (the probe) goes to the store; the
+//!   others keep failing fast. A successful probe closes the breaker; a failed one re-opens it
+//!   for another cool-down. So while the store stays down, at most one request per cool-down
+//!   waits for it.
+//!
+//! The state is one `AtomicU64` (no lock anywhere); [`CircuitBreaker::state`] and
+//! [`CircuitBreaker::stats`] expose it for health checks. A probe whose future is dropped
+//! before it completes (the client went away) hands the probe to the next request. Transitions
+//! are logged as `tracing` events with target `tollgate::store` (warn on open, info on close).
+//!
+//! Put it around the shared store, inside a [`DenyCache`](crate::DenyCache):
+//! `DenyCache::new(CircuitBreaker::new(redis_store))`, so that clients known to be over their
+//! limit stay denied locally during an outage too.
+//!
+//! ## Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tollgate::{BreakerState, CircuitBreaker, MemoryStore, Quota, RateLimitLayer};
+//! use tollgate::key::ClientIp;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In production the inner store is a RedisStore.
+//! let store = CircuitBreaker::new(MemoryStore::new())
+//!     .failures(3)
+//!     .cooldown(Duration::from_secs(1));
+//! assert_eq!(store.state(), BreakerState::Closed);
+//! // From a "FAILURES/COOLDOWN_MS" setting:
+//! let store = CircuitBreaker::new(MemoryStore::new()).config("5/250".parse()?);
+//! assert_eq!(store.cooldown_duration(), Duration::from_millis(250));
+//! let layer = RateLimitLayer::builder(Quota::per_minute(60)?)
+//!     .key(ClientIp::new())
+//!     .store(store)
+//!     .build()?;
+//! # let _ = layer;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+
+use crate::clock::{Clock, MonotonicClock};
+use crate::decision::Decision;
+use crate::error::{ConfigError, StoreError, StoreErrorKind};
+use crate::key::Key;
+use crate::store::{Policy, Store};
+
+/// The default number of consecutive failures that opens the breaker.
+pub const DEFAULT_FAILURES: u32 = 3;
+
+/// The default cool-down of an open breaker.
+pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(1);
+
+/// The state word: `CLOSED`; or an open-until time (µs, without `PROBE`); or `PROBE | start`,
+/// a probe in flight since `start`.
+const CLOSED: u64 = 0;
+const PROBE: u64 = 1 << 63;
+const TIME_MASK: u64 = PROBE - 1;
+
+/// Where a [`CircuitBreaker`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum BreakerState {
+    /// Checks go to the store.
+    Closed,
+    /// Checks fail fast with [`StoreErrorKind::CircuitOpen`] until the cool-down ends.
+    Open,
+    /// The cool-down is over: one probe goes (or is going) to the store; other checks fail fast.
+    HalfOpen,
+}
+
+impl fmt::Display for BreakerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half-open",
+        })
+    }
+}
+
+/// A snapshot of a [`CircuitBreaker`]'s state and counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct BreakerStats {
+    /// The state now.
+    pub state: BreakerState,
+    /// Failures in a row so far (reset by any success).
+    pub consecutive_failures: u32,
+    /// Times the breaker opened (re-opening after a failed probe included).
+    pub opened: u64,
+    /// Checks failed fast without calling the store.
+    pub rejected: u64,
+    /// Probes sent to the store after a cool-down.
+    pub probes: u64,
+}
+
+/// A circuit breaker's settings: consecutive failures that open it, and its cool-down.
+///
+/// Parses from `FAILURES/COOLDOWN_MS`, e.g. `"3/1000"` (the defaults). A setting such as
+/// `"off"` is for the caller to handle (by not wrapping the store at all).
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::BreakerConfig;
+///
+/// let config: BreakerConfig = "5/250".parse()?;
+/// assert_eq!(config.failures(), 5);
+/// assert_eq!(config.cooldown(), Duration::from_millis(250));
+/// assert!("0/250".parse::<BreakerConfig>().is_err());
+/// assert!("off".parse::<BreakerConfig>().is_err());
+/// # Ok::<(), tollgate::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BreakerConfig {
+    failures: u32,
+    cooldown: Duration,
+}
+
+impl BreakerConfig {
+    /// Settings opening after `failures` consecutive failures, for `cooldown`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when `failures` or `cooldown` is zero.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tollgate::BreakerConfig;
+    ///
+    /// assert!(BreakerConfig::new(3, Duration::from_secs(1)).is_ok());
+    /// assert!(BreakerConfig::new(0, Duration::from_secs(1)).is_err());
+    /// ```
+    pub fn new(failures: u32, cooldown: Duration) -> Result<Self, ConfigError> {
+        if failures == 0 {
+            return Err(ConfigError::Invalid(
+                "a circuit breaker needs at least 1 failure to open".to_owned(),
+            ));
+        }
+        if cooldown.is_zero() {
+            return Err(ConfigError::Invalid(
+                "a circuit breaker's cool-down must be longer than zero".to_owned(),
+            ));
+        }
+        Ok(Self { failures, cooldown })
+    }
+
+    /// Consecutive failures that open the breaker.
+    pub const fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// How long the breaker stays open before a probe.
+    pub const fn cooldown(&self) -> Duration {
+        self.cooldown
+    }
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: DEFAULT_FAILURES,
+            cooldown: DEFAULT_COOLDOWN,
+        }
+    }
+}
+
+impl fmt::Display for BreakerConfig {
+    /// Formats as `FAILURES/COOLDOWN_MS`, which [`FromStr`] reads back (sub-millisecond parts
+    /// are dropped).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.failures, self.cooldown.as_millis())
+    }
+}
+
+impl FromStr for BreakerConfig {
+    type Err = ConfigError;
+
+    /// Parses `FAILURES/COOLDOWN_MS`, both whole numbers of at least 1.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            ConfigError::Invalid(format!(
+                "circuit breaker {:?} is not FAILURES/COOLDOWN_MS, e.g. 3/1000 (3 failures in a \
+                 row open it for 1000 ms); both must be at least 1",
+                s.chars().take(64).collect::<String>()
+            ))
+        };
+        let (failures, cooldown) = s.trim().split_once('/').ok_or_else(bad)?;
+        let failures: u32 = failures.trim().parse().map_err(|_| bad())?;
+        let millis: u64 = cooldown.trim().parse().map_err(|_| bad())?;
+        Self::new(failures, Duration::from_millis(millis)).map_err(|_| bad())
+    }
+}
+
+/// A [`Store`] wrapper that fails fast while its store keeps failing; see the
+/// [module docs](self).
+///
+/// Clones share one breaker state (and clone the inner store). Settings belong to the value
+/// they are set on: configure before cloning.
+pub struct CircuitBreaker<S, C = MonotonicClock> {
+    store: S,
+    failures: u32,
+    /// Microseconds, at least 1.
+    cooldown: u64,
+    shared: Arc<Shared<C>>,
+}
+
+struct Shared<C> {
+    clock: C,
+    state: AtomicU64,
+    consecutive: AtomicU32,
+    opened: AtomicU64,
+    rejected: AtomicU64,
+    probes: AtomicU64,
+}
+
+impl<S> CircuitBreaker<S> {
+    /// Wraps `store`: opens after 3 consecutive failures, for 1 s, on the monotonic clock.
+    ///
+    /// ```
+    /// use tollgate::{BreakerState, CircuitBreaker, MemoryStore};
+    ///
+    /// let store = CircuitBreaker::new(MemoryStore::new());
+    /// assert_eq!(store.state(), BreakerState::Closed);
+    /// ```
+    pub fn new(store: S) -> Self {
+        Self {
+            store,
+            failures: DEFAULT_FAILURES,
+            cooldown: micros(DEFAULT_COOLDOWN),
+            shared: Arc::new(Shared::new(MonotonicClock::new())),
+        }
+    }
+}
+
+impl<S, C: Clock> CircuitBreaker<S, C> {
+    /// Opens after `failures` consecutive failures (default 3; 0 counts as 1).
+    #[must_use]
+    pub fn failures(mut self, failures: u32) -> Self {
+        self.failures = failures.max(1);
+        self
+    }
+
+    /// Stays open for `cooldown` before letting one probe through (default 1 s; a zero
+    /// cool-down counts as 1 µs: the next check probes, still one at a time).
+    #[must_use]
+    pub fn cooldown(mut self, cooldown: Duration) -> Self {
+        self.cooldown = micros(cooldown).max(1);
+        self
+    }
+
+    /// Both settings at once, e.g. parsed from `"3/1000"`.
+    #[must_use]
+    pub fn config(self, config: BreakerConfig) -> Self {
+        self.failures(config.failures).cooldown(config.cooldown)
+    }
+
+    /// Uses `clock` instead of the monotonic system clock (e.g. a
+    /// [`ManualClock`](crate::ManualClock) in tests). Starts closed; call it before cloning.
+    ///
+    /// ```
+    /// use tollgate::{CircuitBreaker, ManualClock, MemoryStore};
+    ///
+    /// let store = CircuitBreaker::new(MemoryStore::new()).clock(ManualClock::new());
+    /// # let _ = store;
+    /// ```
+    pub fn clock<C2: Clock>(self, clock: C2) -> CircuitBreaker<S, C2> {
+        CircuitBreaker {
+            store: self.store,
+            failures: self.failures,
+            cooldown: self.cooldown,
+            shared: Arc::new(Shared::new(clock)),
+        }
+    }
+
+    /// The wrapped store.
+    pub fn get_ref(&self) -> &S {
+        &self.store
+    }
+
+    /// Consecutive failures that open the breaker.
+    pub fn failure_threshold(&self) -> u32 {
+        self.failures
+    }
+
+    /// How long the breaker stays open before a probe.
+    pub fn cooldown_duration(&self) -> Duration {
+        Duration::from_micros(self.cooldown)
+    }
+
+    /// Where the breaker stands now: for health checks.
+    ///
+    /// ```
+    /// use tollgate::{BreakerState, CircuitBreaker, MemoryStore};
+    ///
+    /// let store = CircuitBreaker::new(MemoryStore::new());
+    /// let healthy = store.state() == BreakerState::Closed;
+    /// assert!(healthy);
+    /// ```
+    pub fn state(&self) -> BreakerState {
+        let word = self.shared.state.load(Ordering::Acquire);
+        if word == CLOSED {
+            BreakerState::Closed
+        } else if word & PROBE != 0 || self.shared.clock.now_micros() >= word {
+            BreakerState::HalfOpen
+        } else {
+            BreakerState::Open
+        }
+    }
+
+    /// The state and counters.
+    ///
+    /// ```
+    /// use tollgate::{BreakerState, CircuitBreaker, MemoryStore};
+    ///
+    /// let stats = CircuitBreaker::new(MemoryStore::new()).stats();
+    /// assert_eq!(stats.state, BreakerState::Closed);
+    /// assert_eq!((stats.opened, stats.rejected, stats.probes), (0, 0, 0));
+    /// ```
+    pub fn stats(&self) -> BreakerStats {
+        let s = &*self.shared;
+        BreakerStats {
+            state: self.state(),
+            consecutive_failures: s.consecutive.load(Ordering::Relaxed),
+            opened: s.opened.load(Ordering::Relaxed),
+            rejected: s.rejected.load(Ordering::Relaxed),
+            probes: s.probes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Claims the probe when the cool-down is over (or the last probe is older than one
+    /// cool-down, presumed lost). Returns the state word this probe owns.
+    fn try_probe(&self, word: u64) -> Option<u64> {
+        let s = &*self.shared;
+        let now = s.clock.now_micros();
+        let due = if word & PROBE != 0 {
+            now >= (word & TIME_MASK).saturating_add(self.cooldown)
+        } else {
+            now >= word
+        };
+        if !due {
+            return None;
+        }
+        let token = PROBE | (now & TIME_MASK);
+        s.state
+            .compare_exchange(word, token, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        s.probes.fetch_add(1, Ordering::Relaxed);
+        Some(token)
+    }
+
+    fn open_error(&self) -> StoreError {
+        StoreError::new(
+            StoreErrorKind::CircuitOpen,
+            "the circuit breaker is open after repeated store failures; the store is not called \
+             until a probe after the cool-down succeeds",
+        )
+    }
+}
+
+impl<C: Clock> Shared<C> {
+    fn new(clock: C) -> Self {
+        Self {
+            clock,
+            state: AtomicU64::new(CLOSED),
+            consecutive: AtomicU32::new(0),
+            opened: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            probes: AtomicU64::new(0),
+        }
+    }
+
+    /// The open-until word for a cool-down starting now (never `CLOSED`, never with `PROBE`).
+    fn until(&self, cooldown: u64) -> u64 {
+        self.clock
+            .now_micros()
+            .saturating_add(cooldown)
+            .clamp(1, TIME_MASK)
+    }
+
+    /// Opens (from `from`, which is `CLOSED` or a probe's word) unless another thread moved the
+    /// state first.
+    fn open(&self, from: u64, cooldown: u64, failures: u32) {
+        if self
+            .state
+            .compare_exchange(
+                from,
+                self.until(cooldown),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            self.opened.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                target: "tollgate::store",
+                consecutive_failures = failures,
+                cooldown_ms = cooldown / 1_000,
+                probe = from != CLOSED,
+                "circuit breaker opened: the store is not called until the cool-down ends"
+            );
+        }
+    }
+}
+
+impl<S: Clone, C> Clone for CircuitBreaker<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            failures: self.failures,
+            cooldown: self.cooldown,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C: Clock> fmt::Debug for CircuitBreaker<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("store", &self.store)
+            .field("failures", &self.failures)
+            .field("cooldown", &self.cooldown_duration())
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl<S: Store, C: Clock> Store for CircuitBreaker<S, C> {
+    type Future = BreakerFuture<S::Future, C>;
+
+    fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+        let word = self.shared.state.load(Ordering::Acquire);
+        let role = if word == CLOSED {
+            Role::Normal
+        } else if let Some(token) = self.try_probe(word) {
+            Role::Probe(token)
+        } else {
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            return BreakerFuture {
+                state: BState::Open {
+                    error: Some(self.open_error()),
+                },
+                tracker: None,
+            };
+        };
+        BreakerFuture {
+            state: BState::Running {
+                fut: self.store.check(policy, key, cost),
+            },
+            tracker: Some(Tracker {
+                shared: Arc::clone(&self.shared),
+                failures: self.failures,
+                cooldown: self.cooldown,
+                role,
+                done: false,
+            }),
+        }
+    }
+
+    /// Resets through to the store, whatever the breaker's state (an operator's reset is rare
+    /// and should be tried), without counting towards the breaker.
+    fn reset(
+        &self,
+        policy: &Policy,
+        key: &Key,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.store.reset(policy, key)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Normal,
+    /// The probe owning this state word.
+    Probe(u64),
+}
+
+/// Reports a store call's outcome to the breaker; a probe dropped before completing hands the
+/// probe on.
+struct Tracker<C> {
+    shared: Arc<Shared<C>>,
+    failures: u32,
+    cooldown: u64,
+    role: Role,
+    done: bool,
+}
+
+impl<C: Clock> Tracker<C> {
+    fn finish(&mut self, ok: bool) {
+        self.done = true;
+        let s = &*self.shared;
+        if ok {
+            if s.consecutive.load(Ordering::Relaxed) != 0 {
+                s.consecutive.store(0, Ordering::Relaxed);
+            }
+            if let Role::Probe(token) = self.role
+                && s.state
+                    .compare_exchange(token, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                tracing::info!(
+                    target: "tollgate::store",
+                    "circuit breaker closed: the store answered the probe"
+                );
+            }
+            return;
+        }
+        let failures = s
+            .consecutive
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_add(1))
+            })
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
+        match self.role {
+            Role::Probe(token) => s.open(token, self.cooldown, failures),
+            Role::Normal if failures >= self.failures => s.open(CLOSED, self.cooldown, failures),
+            Role::Normal => {}
+        }
+    }
+}
+
+impl<C> Drop for Tracker<C> {
+    fn drop(&mut self) {
+        if let (false, Role::Probe(token)) = (self.done, self.role) {
+            // The probe never finished: let the next check probe at once.
+            let _ =
+                self.shared
+                    .state
+                    .compare_exchange(token, 1, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`CircuitBreaker`]'s [`Store::check`]: an immediate
+    /// [`StoreErrorKind::CircuitOpen`] while open, otherwise the inner store's future, whose
+    /// outcome is reported to the breaker.
+    pub struct BreakerFuture<F, C> {
+        #[pin]
+        state: BState<F>,
+        tracker: Option<Tracker<C>>,
+    }
+}
+
+pin_project! {
+    #[project = BStateProj]
+    enum BState<F> {
+        Open { error: Option<StoreError> },
+        Running {
+            #[pin]
+            fut: F,
+        },
+        Done,
+    }
+}
+
+impl<F, C> fmt::Debug for BreakerFuture<F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            BState::Open { .. } => "open",
+            BState::Running { .. } => "running",
+            BState::Done => "done",
+        };
+        f.debug_struct("BreakerFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<F, C> Future for BreakerFuture<F, C>
+where
+    F: Future<Output = Result<Decision, StoreError>>,
+    C: Clock,
+{
+    type Output = Result<Decision, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut state = this.state;
+        match state.as_mut().project() {
+            BStateProj::Open { error } => {
+                let error = error.take();
+                state.set(BState::Done);
+                match error {
+                    Some(e) => Poll::Ready(Err(e)),
+                    None => Poll::Pending,
+                }
+            }
+            BStateProj::Running { fut } => {
+                let result = ready!(fut.poll(cx));
+                if let Some(tracker) = this.tracker {
+                    tracker.finish(result.is_ok());
+                }
+                state.set(BState::Done);
+                Poll::Ready(result)
+            }
+            // Polled after completion: never panic, never complete twice.
+            BStateProj::Done => Poll::Pending,
+        }
+    }
+}
+
+/// `d` in whole microseconds, saturating below the state word's time range.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX)
+        .min(TIME_MASK)
+}

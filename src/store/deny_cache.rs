@@ -1,0 +1,595 @@
+//! [`DenyCache`]: answers a client that is over its limit locally, without a store round trip.
+//!
+//! An abusive client hammering one key costs a shared store (Redis) one round trip per request,
+//! although every answer is the same "429". `DenyCache` wraps any [`Store`] and remembers, for
+//! each (policy, key) the store has **denied**, the client's theoretical arrival time (TAT) on
+//! this process's monotonic clock: `now + reset_after`, with `now` read *before* the store was
+//! asked. Later checks run the GCRA step against that remembered TAT; when it says
+//! [`Denied`](crate::Outcome::Denied) or [`Impossible`](crate::Outcome::Impossible), that is
+//! the answer, at the cost of a [`MemoryStore`](crate::MemoryStore) denial. Otherwise the store
+//! decides, and what it answers refreshes the remembered TAT.
+//!
+//! ## Why this is exact
+//!
+//! The remembered TAT is never later than the store's: it was computed from a `now` no later
+//! than the store's own, and other app servers only ever *add* to the shared TAT. So:
+//!
+//! - it **never admits** anything: every admission is the store's own decision;
+//! - it **never denies** what the store would admit at that instant: if the GCRA denies against
+//!   an earlier TAT, it denies against the store's later one too;
+//! - a denial for cost `n` says nothing about a smaller cost; the GCRA step is run for the cost
+//!   asked, so a cost-2 request after a cost-5 denial goes to the store when it could pass;
+//! - peeks (cost 0) are never denied by the GCRA, so they always go to the store.
+//!
+//! A local denial's `retry_after` and `remaining` are computed from what this server last saw;
+//! other servers' charges since then can make the store's true wait longer, never shorter. When
+//! the local wait is over, the next request asks the store again, which denies it if others
+//! used the quota meanwhile. A client flooding far above its limit therefore costs each app
+//! server about one store call per emission interval `T` (the one request that may pass).
+//!
+//! ## Caveats
+//!
+//! - **Resets made elsewhere are not seen.** [`Store::reset`] through this cache clears the
+//!   local entry and the store's state; but a reset made on another app server (or directly in
+//!   Redis, or a Redis key evicted under `maxmemory`) goes unnoticed here until the remembered
+//!   deny time passes, at most the client's `reset_after` at its last denial. The same holds
+//!   for a store that forgets state by evicting it (a full `MemoryStore`).
+//! - The local clock and the store's clock only exchange durations, so an offset between them
+//!   does not matter; a rate difference (parts per million) does, negligibly.
+//! - Entries are keyed by policy name; a policy with the same name but a different quota never
+//!   uses another quota's entry.
+//!
+//! ## Memory
+//!
+//! At most `max_keys` entries (default [`DEFAULT_MAX_KEYS`]), one per denied (policy, key).
+//! Entries whose deny time has passed change no decision and are swept automatically as new
+//! denials arrive (amortised, no background task); past `max_keys`, the entries closest to
+//! expiry are evicted first. A hit takes one shard read lock of a `DashMap` and allocates
+//! nothing.
+//!
+//! ## Example
+//!
+//! ```
+//! use tollgate::{DenyCache, Key, MemoryStore, Policy, Quota, Store};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In production the inner store is a RedisStore shared by many app servers.
+//! let store = DenyCache::new(MemoryStore::new()).max_keys(50_000);
+//! let policy = Policy::new("api", Quota::per_minute(2)?)?;
+//! let key = Key::from("client-7");
+//! assert!(store.check(&policy, &key, 1).await?.is_allowed());
+//! assert!(store.check(&policy, &key, 1).await?.is_allowed());
+//! // The store denies once; the next denials are answered locally.
+//! for _ in 0..10 {
+//!     assert!(!store.check(&policy, &key, 1).await?.is_allowed());
+//! }
+//! assert_eq!(store.stats().store_calls, 3);
+//! assert_eq!(store.stats().local_denials, 9);
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use pin_project_lite::pin_project;
+
+use crate::clock::{Clock, MonotonicClock};
+use crate::decision::{Decision, Outcome};
+use crate::error::StoreError;
+use crate::gcra;
+use crate::key::Key;
+use crate::quota::Quota;
+use crate::store::{Policy, Store};
+
+/// The default bound on remembered denials.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+/// Fewest new entries between two automatic sweeps.
+const MIN_SWEEP_INTERVAL: usize = 1_024;
+
+/// The longest composed key: name length byte, policy name, key (a hashed key is one byte
+/// longer than [`Key::MAX_LEN`]).
+const MAX_COMPOSED: usize = 1 + Policy::MAX_NAME_LEN + Key::MAX_LEN + 1;
+
+/// A [`Store`] wrapper that answers over-limit clients locally; see the [module docs](self).
+///
+/// Clones share one cache (and clone the inner store, which for the shipped stores shares its
+/// state too).
+pub struct DenyCache<S, C = MonotonicClock> {
+    store: S,
+    shared: Arc<Shared<C>>,
+}
+
+struct Shared<C> {
+    map: DashMap<Box<[u8]>, Entry, ahash::RandomState>,
+    clock: C,
+    max_keys: AtomicUsize,
+    /// Entries inserted since the last sweep, and the count after it: an upper bound on the
+    /// map's size that takes no shard lock to read.
+    inserts: AtomicUsize,
+    swept_len: AtomicUsize,
+    sweeping: AtomicBool,
+    local_denials: AtomicU64,
+    store_calls: AtomicU64,
+}
+
+/// One remembered client: for each quota of its policy, a TAT that is a lower bound of the
+/// store's, and the quota it was computed under.
+struct Entry {
+    first: Slot,
+    /// The other quotas of a multi-quota policy (an empty box allocates nothing).
+    rest: Box<[Slot]>,
+}
+
+struct Slot {
+    tat: AtomicU64,
+    interval: u64,
+    capacity: u32,
+}
+
+impl Slot {
+    fn new(quota: &Quota, tat: u64) -> Self {
+        Self {
+            tat: AtomicU64::new(tat),
+            interval: quota.interval_micros(),
+            capacity: quota.capacity(),
+        }
+    }
+
+    fn matches(&self, quota: &Quota) -> bool {
+        self.interval == quota.interval_micros() && self.capacity == quota.capacity()
+    }
+}
+
+impl Entry {
+    /// Remembered under exactly these quotas, in this order.
+    fn matches(&self, quotas: &[Quota]) -> bool {
+        quotas.len() == 1 + self.rest.len()
+            && std::iter::once(&self.first)
+                .chain(self.rest.iter())
+                .zip(quotas)
+                .all(|(slot, q)| slot.matches(q))
+    }
+
+    fn slots(&self) -> impl Iterator<Item = &Slot> {
+        std::iter::once(&self.first).chain(self.rest.iter())
+    }
+
+    /// The latest of its TATs: the entry changes no decision once that has passed.
+    fn latest(&self) -> u64 {
+        self.slots()
+            .map(|s| s.tat.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A snapshot of a [`DenyCache`]'s counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct DenyCacheStats {
+    /// Checks answered locally (denied or impossible) without calling the store.
+    pub local_denials: u64,
+    /// Checks passed on to the inner store (peeks included).
+    pub store_calls: u64,
+    /// Remembered (policy, key) entries now.
+    pub entries: usize,
+}
+
+impl<S> DenyCache<S> {
+    /// Wraps `store`, on the monotonic clock, remembering at most [`DEFAULT_MAX_KEYS`] clients.
+    ///
+    /// ```
+    /// use tollgate::{DenyCache, MemoryStore};
+    ///
+    /// let store = DenyCache::new(MemoryStore::new());
+    /// assert!(store.is_empty());
+    /// ```
+    pub fn new(store: S) -> Self {
+        Self {
+            store,
+            shared: Arc::new(Shared::new(MonotonicClock::new(), DEFAULT_MAX_KEYS)),
+        }
+    }
+}
+
+impl<S, C: Clock> DenyCache<S, C> {
+    /// Remembers at most `max_keys` clients (default [`DEFAULT_MAX_KEYS`]); `0` turns the cache
+    /// off (every check goes to the store). Applies to every clone.
+    ///
+    /// ```
+    /// use tollgate::{DenyCache, MemoryStore};
+    ///
+    /// let store = DenyCache::new(MemoryStore::new()).max_keys(1_000);
+    /// assert_eq!(store.max_key_count(), 1_000);
+    /// ```
+    #[must_use]
+    pub fn max_keys(self, max_keys: usize) -> Self {
+        self.shared.max_keys.store(max_keys, Ordering::Relaxed);
+        self
+    }
+
+    /// Uses `clock` for the local deny times instead of the monotonic system clock (e.g. a
+    /// [`ManualClock`](crate::ManualClock) in tests). Starts with an empty cache; call it before
+    /// cloning.
+    ///
+    /// ```
+    /// use tollgate::{DenyCache, ManualClock, MemoryStore};
+    ///
+    /// let clock = ManualClock::new();
+    /// let store = DenyCache::new(MemoryStore::new()).clock(clock.clone());
+    /// # let _ = store;
+    /// ```
+    pub fn clock<C2: Clock>(self, clock: C2) -> DenyCache<S, C2> {
+        let max_keys = self.shared.max_keys.load(Ordering::Relaxed);
+        DenyCache {
+            store: self.store,
+            shared: Arc::new(Shared::new(clock, max_keys)),
+        }
+    }
+
+    /// The wrapped store.
+    pub fn get_ref(&self) -> &S {
+        &self.store
+    }
+
+    /// The bound on remembered clients.
+    pub fn max_key_count(&self) -> usize {
+        self.shared.max_keys.load(Ordering::Relaxed)
+    }
+
+    /// How many (policy, key) denials are remembered.
+    pub fn len(&self) -> usize {
+        self.shared.map.len()
+    }
+
+    /// Nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.shared.map.is_empty()
+    }
+
+    /// The counters since the cache was made.
+    ///
+    /// ```
+    /// use tollgate::{DenyCache, MemoryStore};
+    ///
+    /// let stats = DenyCache::new(MemoryStore::new()).stats();
+    /// assert_eq!((stats.local_denials, stats.store_calls, stats.entries), (0, 0, 0));
+    /// ```
+    pub fn stats(&self) -> DenyCacheStats {
+        let s = &*self.shared;
+        DenyCacheStats {
+            local_denials: s.local_denials.load(Ordering::Relaxed),
+            store_calls: s.store_calls.load(Ordering::Relaxed),
+            entries: s.map.len(),
+        }
+    }
+
+    /// Forgets every remembered denial whose deny time has passed. This runs automatically; call
+    /// it only to release memory at a moment of your choosing.
+    pub fn sweep(&self) {
+        let now = self.shared.clock.now_micros();
+        self.shared.sweep(now);
+    }
+
+    /// Forgets every remembered denial (the store's state is untouched).
+    pub fn clear(&self) {
+        self.shared.map.clear();
+        self.shared.swept_len.store(0, Ordering::Relaxed);
+        self.shared.inserts.store(0, Ordering::Relaxed);
+    }
+}
+
+impl<S: Clone, C> Clone for DenyCache<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for DenyCache<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DenyCache")
+            .field("store", &self.store)
+            .field("entries", &self.shared.map.len())
+            .field("max_keys", &self.shared.max_keys.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl<C: Clock> Shared<C> {
+    fn new(clock: C, max_keys: usize) -> Self {
+        Self {
+            map: DashMap::with_hasher(ahash::RandomState::new()),
+            clock,
+            max_keys: AtomicUsize::new(max_keys),
+            inserts: AtomicUsize::new(0),
+            swept_len: AtomicUsize::new(0),
+            sweeping: AtomicBool::new(false),
+            local_denials: AtomicU64::new(0),
+            store_calls: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes what the store decided for a check under `quotas` sent at `sent` (local clock).
+    fn record(&self, key: &[u8], quotas: &[Quota], sent: u64, decision: &Decision) {
+        let per_quota = decision.per_quota();
+        if per_quota.len() != quotas.len() {
+            // A store that does not report every quota's state: nothing safe to remember.
+            return;
+        }
+        let tat = |d: &Decision| sent.saturating_add(micros(d.reset_after()));
+        let denied = decision.outcome() == Outcome::Denied;
+        if let Some(entry) = self.map.get(key) {
+            if entry.matches(quotas) {
+                for (slot, d) in entry.slots().zip(per_quota) {
+                    slot.tat.fetch_max(tat(d), Ordering::AcqRel);
+                }
+                return;
+            }
+            drop(entry);
+            if !denied {
+                // Remembered under other quotas of the same name: useless now.
+                self.map.remove(key);
+                return;
+            }
+        }
+        if !denied {
+            return;
+        }
+        let mut slots = quotas
+            .iter()
+            .zip(per_quota)
+            .map(|(q, d)| Slot::new(q, tat(d)));
+        let Some(first) = slots.next() else {
+            return;
+        };
+        self.insert(
+            key,
+            Entry {
+                first,
+                rest: slots.collect(),
+            },
+        );
+    }
+
+    fn insert(&self, key: &[u8], entry: Entry) {
+        let max_keys = self.max_keys.load(Ordering::Relaxed);
+        if max_keys == 0 {
+            return;
+        }
+        let now = self.clock.now_micros();
+        if self.approx_len() >= max_keys {
+            self.sweep(now);
+            if self.map.len() >= max_keys {
+                // Another thread is sweeping, or everything is still live: skip this one.
+                return;
+            }
+        }
+        self.map.insert(key.into(), entry);
+        let inserted = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
+        let since = self
+            .swept_len
+            .load(Ordering::Relaxed)
+            .max(MIN_SWEEP_INTERVAL);
+        if inserted >= since {
+            self.sweep(now);
+        }
+    }
+
+    fn approx_len(&self) -> usize {
+        self.swept_len
+            .load(Ordering::Relaxed)
+            .saturating_add(self.inserts.load(Ordering::Relaxed))
+    }
+
+    /// Drops entries whose deny time has passed; if still full, evicts the entries closest to
+    /// expiry until 1/16 below `max_keys`. One sweeper at a time; others carry on meanwhile.
+    fn sweep(&self, now: u64) {
+        if self.sweeping.swap(true, Ordering::Acquire) {
+            return;
+        }
+        self.map.retain(|_, e| e.latest() > now);
+        let max_keys = self.max_keys.load(Ordering::Relaxed);
+        let len = self.map.len();
+        if len >= max_keys {
+            let target = max_keys.saturating_sub(max_keys / 16 + 1);
+            let excess = len - target.min(len);
+            let mut tats: Vec<u64> = self.map.iter().map(|e| e.value().latest()).collect();
+            if excess > 0 && excess <= tats.len() {
+                let (_, threshold, _) = tats.select_nth_unstable(excess - 1);
+                let threshold = *threshold;
+                self.map.retain(|_, e| e.latest() > threshold);
+            }
+        }
+        self.swept_len.store(self.map.len(), Ordering::Relaxed);
+        self.inserts.store(0, Ordering::Relaxed);
+        self.sweeping.store(false, Ordering::Release);
+    }
+}
+
+/// `[name length][name][key]` into `buf`: injective because the name's length comes first.
+/// `None` (never for keys built by [`Key`]) when it does not fit.
+#[inline]
+fn compose(buf: &mut [u8; MAX_COMPOSED], policy: &Policy, key: &Key) -> Option<usize> {
+    let name = policy.name().as_bytes();
+    let key = key.as_bytes();
+    let len = 1 + name.len() + key.len();
+    if len > MAX_COMPOSED || name.len() > usize::from(u8::MAX) {
+        return None;
+    }
+    buf[0] = name.len() as u8;
+    buf[1..1 + name.len()].copy_from_slice(name);
+    buf[1 + name.len()..len].copy_from_slice(key);
+    Some(len)
+}
+
+impl<S: Store, C: Clock> Store for DenyCache<S, C> {
+    type Future = DenyCacheFuture<S::Future, C>;
+
+    #[inline]
+    fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+        let shared = &*self.shared;
+        let now = shared.clock.now_micros();
+        let mut buf = [0u8; MAX_COMPOSED];
+        let len = compose(&mut buf, policy, key);
+        let quotas = policy.quotas();
+        // A peek is never denied by the GCRA, so only charging checks can be answered here.
+        if cost > 0
+            && let Some(len) = len
+            && let Some(entry) = shared.map.get(&buf[..len])
+            && entry.matches(quotas)
+        {
+            let decision = if entry.rest.is_empty() {
+                let tat = entry.first.tat.load(Ordering::Acquire);
+                drop(entry);
+                gcra::step(tat, now, policy.quota(), cost).decision
+            } else {
+                let mut tats = [0u64; Policy::MAX_QUOTAS];
+                let mut n = 0;
+                for (t, slot) in tats.iter_mut().zip(entry.slots()) {
+                    *t = slot.tat.load(Ordering::Acquire);
+                    n += 1;
+                }
+                drop(entry);
+                gcra::step_all(&tats[..n], now, quotas, cost).decision
+            };
+            if !decision.is_allowed() {
+                shared.local_denials.fetch_add(1, Ordering::Relaxed);
+                return DenyCacheFuture {
+                    state: State::Local {
+                        decision: Some(decision),
+                    },
+                };
+            }
+        }
+        shared.store_calls.fetch_add(1, Ordering::Relaxed);
+        let fut = self.store.check(policy, key, cost);
+        let note = len.map(|len| Note {
+            shared: Arc::clone(&self.shared),
+            key: buf,
+            len,
+            sent: now,
+            policy: policy.clone(),
+        });
+        DenyCacheFuture {
+            state: State::Store { fut, note },
+        }
+    }
+
+    fn reset(
+        &self,
+        policy: &Policy,
+        key: &Key,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let mut buf = [0u8; MAX_COMPOSED];
+        let len = compose(&mut buf, policy, key);
+        if let Some(len) = len {
+            self.shared.map.remove(&buf[..len]);
+        }
+        let shared = Arc::clone(&self.shared);
+        let inner = self.store.reset(policy, key);
+        async move {
+            let result = inner.await;
+            // A denial noted while the reset was on its way is older than the reset.
+            if let Some(len) = len {
+                shared.map.remove(&buf[..len]);
+            }
+            result
+        }
+    }
+}
+
+/// What a store call must note when it completes.
+struct Note<C> {
+    shared: Arc<Shared<C>>,
+    key: [u8; MAX_COMPOSED],
+    len: usize,
+    sent: u64,
+    /// Two reference counts: cheaper than copying the quotas.
+    policy: Policy,
+}
+
+pin_project! {
+    /// The future of [`DenyCache`]'s [`Store::check`]: ready at once for a local denial (no
+    /// allocation), otherwise the inner store's future, whose decision is noted on completion.
+    pub struct DenyCacheFuture<F, C> {
+        #[pin]
+        state: State<F, C>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, C> {
+        Local { decision: Option<Decision> },
+        Store {
+            #[pin]
+            fut: F,
+            note: Option<Note<C>>,
+        },
+        Done,
+    }
+}
+
+impl<F, C> fmt::Debug for DenyCacheFuture<F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Local { .. } => "local",
+            State::Store { .. } => "store",
+            State::Done => "done",
+        };
+        f.debug_struct("DenyCacheFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<F, C> Future for DenyCacheFuture<F, C>
+where
+    F: Future<Output = Result<Decision, StoreError>>,
+    C: Clock,
+{
+    type Output = Result<Decision, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        match state.as_mut().project() {
+            StateProj::Local { decision } => {
+                let decision = decision.take();
+                state.set(State::Done);
+                match decision {
+                    Some(d) => Poll::Ready(Ok(d)),
+                    None => Poll::Pending,
+                }
+            }
+            StateProj::Store { fut, note } => {
+                let result = ready!(fut.poll(cx));
+                if let (Ok(decision), Some(note)) = (&result, note.take()) {
+                    let key = note.key.get(..note.len).unwrap_or(&[]);
+                    note.shared
+                        .record(key, note.policy.quotas(), note.sent, decision);
+                }
+                state.set(State::Done);
+                Poll::Ready(result)
+            }
+            // Polled after completion: never panic, never complete twice.
+            StateProj::Done => Poll::Pending,
+        }
+    }
+}
+
+/// `d` in whole microseconds, saturating.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
