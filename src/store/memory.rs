@@ -55,10 +55,10 @@ pub struct MemoryStore<C: Clock = MonotonicClock> {
 }
 
 struct Inner<C> {
-    map: DashMap<Box<[u8]>, AtomicU64, ahash::RandomState>,
+    map: DashMap<StoredKey, AtomicU64, ahash::RandomState>,
     /// Policies of several quotas: one TAT per quota, updated together under the shard's
     /// write lock so that the decision over all of them is atomic.
-    multi: DashMap<Box<[u8]>, Box<[u64]>, ahash::RandomState>,
+    multi: DashMap<StoredKey, Box<[u64]>, ahash::RandomState>,
     clock: C,
     max_keys: usize,
     /// Keys inserted since the last sweep, and the count the map had after it: together an
@@ -175,7 +175,7 @@ impl<C: Clock> MemoryStore<C> {
         let decision = {
             let tat = inner
                 .map
-                .entry(composed.into())
+                .entry(StoredKey::new(composed))
                 .or_insert_with(|| AtomicU64::new(0));
             charge(&tat, now, quota, cost)
         };
@@ -211,7 +211,7 @@ impl<C: Clock> MemoryStore<C> {
         let decision = {
             let mut tats = inner
                 .multi
-                .entry(composed.into())
+                .entry(StoredKey::new(composed))
                 .or_insert_with(|| fresh.into_boxed_slice());
             decide(&mut tats)
         };
@@ -244,6 +244,60 @@ impl<C: Clock> MemoryStore<C> {
         self.inner.sweep(now);
     }
 }
+
+/// A composed key as the map stores it: inline up to 22 bytes (a policy name plus an IPv4
+/// address fits), so most entries need no allocation of their own; 24 bytes either way.
+enum StoredKey {
+    Inline { len: u8, bytes: [u8; STORED_INLINE] },
+    Heap(Box<[u8]>),
+}
+
+const STORED_INLINE: usize = 22;
+
+impl StoredKey {
+    fn new(bytes: &[u8]) -> Self {
+        if bytes.len() <= STORED_INLINE {
+            let mut inline = [0u8; STORED_INLINE];
+            inline[..bytes.len()].copy_from_slice(bytes);
+            // At most STORED_INLINE.
+            Self::Inline {
+                len: bytes.len() as u8,
+                bytes: inline,
+            }
+        } else {
+            Self::Heap(bytes.into())
+        }
+    }
+
+    #[inline]
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Heap(b) => b,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for StoredKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+/// Hashes exactly as `[u8]` does, as `Borrow` requires.
+impl std::hash::Hash for StoredKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl PartialEq for StoredKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for StoredKey {}
 
 /// `[name length][name][key]`: injective because the name's length comes first.
 #[inline]
