@@ -15,6 +15,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 #[cfg(feature = "redis")]
 use std::time::Duration;
 
@@ -46,6 +47,9 @@ USAGE: cargo run --example demo -- [FLAGS]
   --store-timeout-ms N     store command timeout (default 50)
   --headers STYLE          ietf | legacy | both | none (default ietf)
   --admin-token TOKEN      enables /admin/*, which then needs \"Authorization: Bearer TOKEN\"
+  --deny-cache on|off      local deny cache in front of the shared store (default on; Redis only)
+  --breaker SPEC           circuit breaker FAILURES/COOLDOWN_MS, e.g. 3/1000 (default), or off
+                           (Redis only)
   --multi-quotas LIST      policy \"multi\" on GET /api/multi: comma-separated quotas, all checked in
                            one atomic decision (default \"2/s,5/h\"); a denial charges none of them
   --help                   this text
@@ -67,6 +71,10 @@ struct Args {
     headers: HeaderStyle,
     admin_token: Option<String>,
     multi_quotas: Vec<Quota>,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    deny_cache: bool,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    breaker: Option<tollgate::BreakerConfig>,
 }
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
@@ -84,6 +92,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
         headers: HeaderStyle::Ietf,
         admin_token: None,
         multi_quotas: parse_quota_list("2/s,5/h")?,
+        deny_cache: true,
+        breaker: Some(tollgate::BreakerConfig::default()),
     };
     while let Some(flag) = argv.next() {
         if flag == "--help" || flag == "-h" {
@@ -134,6 +144,20 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 args.headers = v.parse().map_err(|e| bad(&v, &e))?;
             }
             "--admin-token" => args.admin_token = Some(value()?),
+            "--deny-cache" => {
+                args.deny_cache = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => return Err(format!("--deny-cache {other:?} is not on or off")),
+                }
+            }
+            "--breaker" => {
+                let v = value()?;
+                args.breaker = match v.as_str() {
+                    "off" => None,
+                    spec => Some(spec.parse().map_err(|e| bad(spec, &e))?),
+                };
+            }
             "--multi-quotas" => {
                 let v = value()?;
                 args.multi_quotas = parse_quota_list(&v).map_err(|e| bad(&v, &e))?;
@@ -206,9 +230,13 @@ fn fail_mode(args: &Args) -> Result<FailMode, String> {
     }
 }
 
+/// Store-specific counters for `/admin/stats` (deny cache, circuit breaker).
+type StoreStats = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// Shared state of the admin routes.
 struct AppState<St: Store> {
     store_name: &'static str,
+    store_stats: StoreStats,
     store: St,
     default: RateLimitLayer<St, DemoKey>,
     expensive: RateLimitLayer<St, DemoKey>,
@@ -223,6 +251,7 @@ where
     fn clone(&self) -> Self {
         Self {
             store_name: self.store_name,
+            store_stats: Arc::clone(&self.store_stats),
             store: self.store.clone(),
             default: self.default.clone(),
             expensive: self.expensive.clone(),
@@ -236,6 +265,7 @@ fn app<St: Store + Clone>(
     args: &Args,
     store: St,
     store_name: &'static str,
+    store_stats: StoreStats,
 ) -> Result<Router, String> {
     let key = key_extractor(args)?;
     let fail_mode = fail_mode(args)?;
@@ -282,6 +312,7 @@ fn app<St: Store + Clone>(
         .map_err(|e| format!("--multi-quotas: {e}"))?;
     let state = AppState {
         store_name,
+        store_stats,
         store,
         default: default.clone(),
         expensive: expensive.clone(),
@@ -378,6 +409,7 @@ async fn stats<St: Store>(State(state): State<AppState<St>>, headers: HeaderMap)
     };
     Json(json!({
         "store": state.store_name,
+        "store_stats": (state.store_stats)(),
         "policies": {
             "default": policy(&state.default),
             "expensive": policy(&state.expensive),
@@ -428,12 +460,57 @@ async fn shutdown_signal() {
 
 #[cfg(feature = "redis")]
 async fn redis_app(args: &Args, url: &str) -> Result<Router, String> {
-    let store = tollgate::store::redis::RedisStore::builder(url)
+    use tollgate::{CircuitBreaker, DenyCache};
+    let redis = tollgate::store::redis::RedisStore::builder(url)
         .command_timeout(Duration::from_millis(args.store_timeout_ms))
         .build()
         .await
         .map_err(|e| format!("--redis-url: {e}"))?;
-    app(args, store, "redis")
+    // The deny cache sits in front, so a flood of denied requests never reaches the breaker or
+    // Redis; the breaker sits right around Redis.
+    match (args.deny_cache, args.breaker) {
+        (true, Some(config)) => {
+            let store = DenyCache::new(CircuitBreaker::new(redis).config(config));
+            let (cache, breaker) = (store.clone(), store.get_ref().clone());
+            let stats = Arc::new(
+                move || json!({ "deny_cache": deny_cache_json(&cache), "breaker": breaker_json(&breaker) }),
+            );
+            app(args, store, "redis", stats)
+        }
+        (true, None) => {
+            let store = DenyCache::new(redis);
+            let cache = store.clone();
+            let stats = Arc::new(move || json!({ "deny_cache": deny_cache_json(&cache) }));
+            app(args, store, "redis", stats)
+        }
+        (false, Some(config)) => {
+            let store = CircuitBreaker::new(redis).config(config);
+            let breaker = store.clone();
+            let stats = Arc::new(move || json!({ "breaker": breaker_json(&breaker) }));
+            app(args, store, "redis", stats)
+        }
+        (false, None) => app(args, redis, "redis", Arc::new(|| json!({}))),
+    }
+}
+
+#[cfg(feature = "redis")]
+fn deny_cache_json<S, C: tollgate::Clock>(cache: &tollgate::DenyCache<S, C>) -> serde_json::Value {
+    let s = cache.stats();
+    json!({ "local_denials": s.local_denials, "store_calls": s.store_calls, "entries": s.entries })
+}
+
+#[cfg(feature = "redis")]
+fn breaker_json<S, C: tollgate::Clock>(
+    breaker: &tollgate::CircuitBreaker<S, C>,
+) -> serde_json::Value {
+    let s = breaker.stats();
+    json!({
+        "state": s.state.to_string(),
+        "consecutive_failures": s.consecutive_failures,
+        "opened": s.opened,
+        "rejected": s.rejected,
+        "probes": s.probes,
+    })
 }
 
 #[cfg(not(feature = "redis"))]
@@ -459,7 +536,9 @@ async fn main() -> ExitCode {
     };
     let built = match &args.redis_url {
         Some(url) => redis_app(&args, url).await.map(|r| (r, "redis")),
-        None => app(&args, MemoryStore::new(), "memory").map(|r| (r, "memory")),
+        None => {
+            app(&args, MemoryStore::new(), "memory", Arc::new(|| json!({}))).map(|r| (r, "memory"))
+        }
     };
     let (router, store_name) = match built {
         Ok(built) => built,
