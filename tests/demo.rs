@@ -130,5 +130,10 @@ fn multi_quota_route_checks_every_quota_atomically() {
         "\"multi-2/m\";r=0;t=30, \"multi-3/h\";r=1;t=1200"
     );
     // /api/multi is not under the global policy.
-    assert!(!res.headers()["ratelimit-policy"].to_str().unwrap().contains("default"));
+    assert!(
+        !res.headers()["ratelimit-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default")
+    );
 }
