@@ -12,8 +12,8 @@ pub(super) const TAG_LEN: usize = 43;
 /// The longest prefix accepted by the builder.
 pub(super) const MAX_PREFIX_LEN: usize = 64;
 
-/// The longest Redis key: prefix, `:{`, tag, `}:`, policy name.
-pub(super) const MAX_KEY_LEN: usize = MAX_PREFIX_LEN + 2 + TAG_LEN + 2 + Policy::MAX_NAME_LEN;
+/// The longest Redis key: prefix, `:{`, tag, `}:`, policy name, `#<quota index>`.
+pub(super) const MAX_KEY_LEN: usize = MAX_PREFIX_LEN + 2 + TAG_LEN + 2 + Policy::MAX_NAME_LEN + 2;
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
@@ -71,6 +71,21 @@ pub(super) fn state_key(prefix: &str, policy: &Policy, key: &Key) -> Vec<u8> {
     out.extend_from_slice(b"}:");
     out.extend_from_slice(name);
     out
+}
+
+/// The state keys of a policy of several quotas: `<prefix>:{<tag>}:<policy>#<i>`, one per
+/// quota, in one hash slot. Policy names never contain `#`, so these never collide with a
+/// single-quota policy's key.
+pub(super) fn quota_keys(prefix: &str, policy: &Policy, key: &Key) -> Vec<Vec<u8>> {
+    let base = state_key(prefix, policy, key);
+    (0..policy.quotas().len())
+        .map(|i| {
+            let mut k = base.clone();
+            k.push(b'#');
+            k.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
+            k
+        })
+        .collect()
 }
 
 #[cfg(test)]

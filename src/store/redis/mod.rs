@@ -48,6 +48,9 @@ use crate::store::{Policy, Store};
 /// The GCRA script, one source of truth with `lua/gcra.lua`.
 const GCRA_LUA: &str = include_str!("../../../lua/gcra.lua");
 
+/// The GCRA over several quotas at once, for policies of more than one quota.
+const GCRA_MULTI_LUA: &str = include_str!("../../../lua/gcra_multi.lua");
+
 /// The longest Redis key the store writes: prefix (at most 64 bytes), `:{`, the 43-byte tag,
 /// `}:`, policy name (at most 64 bytes).
 pub const MAX_KEY_LEN: usize = keys::MAX_KEY_LEN;
@@ -81,6 +84,9 @@ struct Inner {
     script: redis::Script,
     /// `SCRIPT LOAD <gcra.lua>`, built once.
     load: Cmd,
+    /// The multi-quota script and its `SCRIPT LOAD`.
+    multi_script: redis::Script,
+    multi_load: Cmd,
 }
 
 enum Backend {
@@ -213,8 +219,9 @@ impl RedisStore {
         cost: u32,
         now_micros: u64,
     ) -> Result<Decision, StoreError> {
-        let cmd = self.inner.eval_cmd(policy, key, cost, Some(now_micros));
-        self.inner.decide(cmd, *policy.quota(), cost).await
+        self.inner
+            .decide_policy(policy, key, cost, Some(now_micros))
+            .await
     }
 
     /// Loads the script into Redis (every primary, in a cluster) ahead of the first decision.
@@ -225,7 +232,8 @@ impl RedisStore {
     /// A [`StoreError`] when Redis fails or does not answer within the command timeout.
     pub async fn load_script(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        inner.timed(inner.run(&inner.load)).await.map(drop)
+        inner.timed(inner.run(&inner.load)).await?;
+        inner.timed(inner.run(&inner.multi_load)).await.map(drop)
     }
 }
 
@@ -292,9 +300,12 @@ impl RedisStoreBuilder {
             Source::Url(url) => {
                 let client = redis::Client::open(url.as_str())
                     .map_err(|source| RedisConfigError::Url { source })?;
+                // No response timeout inside redis-rs: the store's own command timeout bounds
+                // every decision (connection wait and reload included), and one timer per
+                // request is enough.
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(Some(self.command_timeout))
+                    .set_response_timeout(None)
                     .set_min_delay(Duration::from_millis(10))
                     .set_max_delay(Duration::from_millis(100))
                     .set_number_of_retries(6);
@@ -328,7 +339,9 @@ impl RedisStoreBuilder {
                 prefix: self.prefix.into(),
                 command_timeout: self.command_timeout,
                 script: redis::Script::new(GCRA_LUA),
-                load: script_load_cmd(),
+                load: script_load_cmd(GCRA_LUA),
+                multi_script: redis::Script::new(GCRA_MULTI_LUA),
+                multi_load: script_load_cmd(GCRA_MULTI_LUA),
             }),
         };
         let inner = &store.inner;
@@ -395,7 +408,12 @@ impl Inner {
 
     /// The script, reloaded once on `NOSCRIPT` (which means it did not run).
     async fn eval(&self, cmd: &Cmd) -> Result<Value, StoreError> {
-        let load = Some(&self.load);
+        self.eval_with(cmd, &self.load).await
+    }
+
+    /// A script call reloaded with `load` on `NOSCRIPT`.
+    async fn eval_with(&self, cmd: &Cmd, load: &Cmd) -> Result<Value, StoreError> {
+        let load = Some(load);
         match &self.backend {
             Backend::Manager(m) => query(&mut m.clone(), cmd, load).await,
             Backend::Pool(p) => {
@@ -412,16 +430,78 @@ impl Inner {
         decision(&reply, &quota, cost)
     }
 
-    async fn del(&self, key: Vec<u8>) -> Result<(), StoreError> {
+    async fn del(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("DEL");
-        cmd.arg(key);
+        for key in keys {
+            cmd.arg(key);
+        }
         self.timed(self.run(&cmd)).await.map(drop)
+    }
+
+    /// `EVALSHA` of the multi-quota script: one key per quota, all in one hash slot.
+    fn eval_multi_cmd(&self, policy: &Policy, key: &Key, cost: u32, now: Option<u64>) -> Cmd {
+        let quotas = policy.quotas();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.multi_script.get_hash()).arg(quotas.len());
+        for redis_key in keys::quota_keys(&self.prefix, policy, key) {
+            cmd.arg(redis_key);
+        }
+        for quota in quotas {
+            cmd.arg(quota.interval_micros()).arg(quota.capacity());
+        }
+        cmd.arg(cost);
+        if let Some(now) = now {
+            cmd.arg(now);
+        }
+        cmd
+    }
+
+    /// One decision for `policy`: the single-quota script, or the multi-quota one.
+    async fn decide_policy(
+        &self,
+        policy: &Policy,
+        key: &Key,
+        cost: u32,
+        now: Option<u64>,
+    ) -> Result<Decision, StoreError> {
+        if policy.quotas().len() == 1 {
+            let cmd = self.eval_cmd(policy, key, cost, now);
+            return self.decide(cmd, *policy.quota(), cost).await;
+        }
+        let cmd = self.eval_multi_cmd(policy, key, cost, now);
+        let reply = self.timed(self.eval_with(&cmd, &self.multi_load)).await?;
+        multi_decision(&reply, policy.quotas(), cost)
     }
 }
 
-fn script_load_cmd() -> Cmd {
+/// The multi-quota script's reply, one `used` per quota, as the decision `step_all` makes
+/// from the same state.
+fn multi_decision(reply: &Value, quotas: &[Quota], cost: u32) -> Result<Decision, StoreError> {
+    let bad = || {
+        errors::unexpected(format!(
+            "the multi-quota script answered {reply:?} instead of {} non-negative integers",
+            quotas.len()
+        ))
+    };
+    let Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    if items.len() != quotas.len() {
+        return Err(bad());
+    }
+    let used = items
+        .iter()
+        .map(|item| match item {
+            Value::Int(u) if *u >= 0 => Ok(u.unsigned_abs()),
+            _ => Err(bad()),
+        })
+        .collect::<Result<Vec<u64>, _>>()?;
+    Ok(gcra::step_all(&used, 0, quotas, cost).decision)
+}
+
+fn script_load_cmd(script: &str) -> Cmd {
     let mut cmd = redis::cmd("SCRIPT");
-    cmd.arg("LOAD").arg(GCRA_LUA);
+    cmd.arg("LOAD").arg(script);
     cmd
 }
 
@@ -471,6 +551,10 @@ impl Store for RedisStore {
     type Future = RedisFuture;
 
     fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+        if policy.quotas().len() > 1 {
+            let (inner, policy, key) = (Arc::clone(&self.inner), policy.clone(), key.clone());
+            return Box::pin(async move { inner.decide_policy(&policy, &key, cost, None).await });
+        }
         let cmd = self.inner.eval_cmd(policy, key, cost, None);
         let quota = *policy.quota();
         let inner = Arc::clone(&self.inner);
@@ -482,9 +566,13 @@ impl Store for RedisStore {
         policy: &Policy,
         key: &Key,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let redis_key = self.redis_key(policy, key);
+        let redis_keys = if policy.quotas().len() == 1 {
+            vec![self.redis_key(policy, key)]
+        } else {
+            keys::quota_keys(&self.inner.prefix, policy, key)
+        };
         let inner = Arc::clone(&self.inner);
-        async move { inner.del(redis_key).await }
+        async move { inner.del(redis_keys).await }
     }
 }
 
