@@ -188,11 +188,16 @@ impl<S, St, K> Layer<S> for RateLimitLayer<St, K> {
 /// ```
 #[must_use]
 pub struct Builder<St = MemoryStore, K = ClientIp> {
+    settings: Settings,
+    store: St,
+    key: K,
+}
+
+/// Everything a builder holds besides its store and key extractor.
+struct Settings {
     quota: Quota,
     more_quotas: Vec<Quota>,
     policy_name: Option<String>,
-    store: St,
-    key: K,
     cost: Option<Arc<CostFn>>,
     skip: Option<Arc<SkipFn>>,
     fail_mode: FailMode,
@@ -209,8 +214,8 @@ pub struct Builder<St = MemoryStore, K = ClientIp> {
 impl<St, K> fmt::Debug for Builder<St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
-            .field("quota", &self.quota)
-            .field("policy_name", &self.policy_name)
+            .field("quota", &self.settings.quota)
+            .field("policy_name", &self.settings.policy_name)
             .finish_non_exhaustive()
     }
 }
@@ -218,22 +223,24 @@ impl<St, K> fmt::Debug for Builder<St, K> {
 impl Builder {
     fn new(quota: Quota) -> Self {
         Self {
-            quota,
-            more_quotas: Vec::new(),
-            policy_name: None,
+            settings: Settings {
+                quota,
+                more_quotas: Vec::new(),
+                policy_name: None,
+                cost: None,
+                skip: None,
+                fail_mode: FailMode::default(),
+                dry_run: false,
+                header_style: HeaderStyle::default(),
+                reset_style: ResetStyle::default(),
+                headers_on_allowed: true,
+                degraded_header: false,
+                status: 429,
+                body: RejectionBody::default(),
+                log_level: Level::INFO,
+            },
             store: MemoryStore::new(),
             key: ClientIp::new(),
-            cost: None,
-            skip: None,
-            fail_mode: FailMode::default(),
-            dry_run: false,
-            header_style: HeaderStyle::default(),
-            reset_style: ResetStyle::default(),
-            headers_on_allowed: true,
-            degraded_header: false,
-            status: 429,
-            body: RejectionBody::default(),
-            log_level: Level::INFO,
         }
     }
 }
@@ -242,7 +249,7 @@ impl<St, K> Builder<St, K> {
     /// The policy name, sent in `RateLimit` headers and used to namespace store keys
     /// (default `"default"`). 1 to 64 characters of ASCII letters, digits and `-_.:`.
     pub fn policy(mut self, name: &str) -> Self {
-        self.policy_name = Some(name.to_owned());
+        self.settings.policy_name = Some(name.to_owned());
         self
     }
 
@@ -261,29 +268,16 @@ impl<St, K> Builder<St, K> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn and_quota(mut self, quota: Quota) -> Self {
-        self.more_quotas.push(quota);
+        self.settings.more_quotas.push(quota);
         self
     }
 
     /// How clients are identified (default: [`ClientIp`] with no trusted proxies).
     pub fn key<K2: KeyExtractor>(self, key: K2) -> Builder<St, K2> {
         Builder {
-            key,
-            quota: self.quota,
-            more_quotas: self.more_quotas,
-            policy_name: self.policy_name,
+            settings: self.settings,
             store: self.store,
-            cost: self.cost,
-            skip: self.skip,
-            fail_mode: self.fail_mode,
-            dry_run: self.dry_run,
-            header_style: self.header_style,
-            reset_style: self.reset_style,
-            headers_on_allowed: self.headers_on_allowed,
-            degraded_header: self.degraded_header,
-            status: self.status,
-            body: self.body,
-            log_level: self.log_level,
+            key,
         }
     }
 
@@ -291,66 +285,53 @@ impl<St, K> Builder<St, K> {
     /// layers to share it; each layer's policy name keeps their keys apart.
     pub fn store<St2: Store>(self, store: St2) -> Builder<St2, K> {
         Builder {
+            settings: self.settings,
             store,
-            quota: self.quota,
-            more_quotas: self.more_quotas,
-            policy_name: self.policy_name,
             key: self.key,
-            cost: self.cost,
-            skip: self.skip,
-            fail_mode: self.fail_mode,
-            dry_run: self.dry_run,
-            header_style: self.header_style,
-            reset_style: self.reset_style,
-            headers_on_allowed: self.headers_on_allowed,
-            degraded_header: self.degraded_header,
-            status: self.status,
-            body: self.body,
-            log_level: self.log_level,
         }
     }
 
     /// What each request costs (default 1). A cost of 0 is a peek: the request is checked and
     /// gets headers, but consumes nothing. A cost above the capacity can never pass.
     pub fn cost(mut self, cost: impl Fn(&Parts) -> u32 + Send + Sync + 'static) -> Self {
-        self.cost = Some(Arc::new(cost));
+        self.settings.cost = Some(Arc::new(cost));
         self
     }
 
     /// Requests for which `skip` returns true pass unlimited, without headers.
     pub fn skip(mut self, skip: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
-        self.skip = Some(Arc::new(skip));
+        self.settings.skip = Some(Arc::new(skip));
         self
     }
 
     /// What to do when the store fails (default [`FailMode::Open`]).
     pub fn fail_mode(mut self, mode: FailMode) -> Self {
-        self.fail_mode = mode;
+        self.settings.fail_mode = mode;
         self
     }
 
     /// Evaluate, log and send headers, but never deny (nginx `limit_req_dry_run`). Requests
     /// that would have been denied are counted in [`Stats::dry_run_denied`] and charge nothing.
     pub fn dry_run(mut self, on: bool) -> Self {
-        self.dry_run = on;
+        self.settings.dry_run = on;
         self
     }
 
     /// Which rate-limit header fields to send (default IETF draft-10).
     pub fn headers(mut self, style: HeaderStyle) -> Self {
-        self.header_style = style;
+        self.settings.header_style = style;
         self
     }
 
     /// How `X-RateLimit-Reset` is written (default: delta seconds).
     pub fn reset_style(mut self, style: ResetStyle) -> Self {
-        self.reset_style = style;
+        self.settings.reset_style = style;
         self
     }
 
     /// Send the rate-limit fields on admitted responses too (default true).
     pub fn headers_on_allowed(mut self, on: bool) -> Self {
-        self.headers_on_allowed = on;
+        self.settings.headers_on_allowed = on;
         self
     }
 
@@ -360,26 +341,26 @@ impl<St, K> Builder<St, K> {
     /// ([`Decision::is_degraded`](crate::Decision::is_degraded)), and a `tollgate::store`
     /// warning is logged at most once a second.
     pub fn degraded_header(mut self, on: bool) -> Self {
-        self.degraded_header = on;
+        self.settings.degraded_header = on;
         self
     }
 
     /// The status of a limited request's response (default 429; 400..=599).
     pub fn status(mut self, status: u16) -> Self {
-        self.status = status;
+        self.settings.status = status;
         self
     }
 
     /// The body of a limited request's response (default short text).
     pub fn body(mut self, body: RejectionBody) -> Self {
-        self.body = body;
+        self.settings.body = body;
         self
     }
 
     /// The level of the `tollgate::limited` event logged for each denied request (default
     /// `INFO`; nginx's `limit_req_log_level`).
     pub fn log_level(mut self, level: Level) -> Self {
-        self.log_level = level;
+        self.settings.log_level = level;
         self
     }
 
@@ -389,20 +370,21 @@ impl<St, K> Builder<St, K> {
             policy,
             store: self.store,
             key: self.key,
-            cost: self.cost,
-            skip: self.skip,
-            fail_mode: self.fail_mode,
+            cost: self.settings.cost,
+            skip: self.settings.skip,
+            fail_mode: self.settings.fail_mode,
             fallback: None,
-            dry_run: self.dry_run,
-            header_style: self.header_style,
-            reset_style: self.reset_style,
-            headers_on_allowed: self.headers_on_allowed,
-            degraded_header: self.degraded_header,
+            dry_run: self.settings.dry_run,
+            header_style: self.settings.header_style,
+            reset_style: self.settings.reset_style,
+            headers_on_allowed: self.settings.headers_on_allowed,
+            degraded_header: self.settings.degraded_header,
             rejection: Rejection {
-                status: StatusCode::from_u16(self.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
-                body: self.body,
+                status: StatusCode::from_u16(self.settings.status)
+                    .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+                body: self.settings.body,
             },
-            log_level: self.log_level,
+            log_level: self.settings.log_level,
             counters: Counters::default(),
             last_warning: AtomicU64::new(0),
             started: std::time::Instant::now(),
@@ -417,13 +399,14 @@ impl<St: Store, K: KeyExtractor> Builder<St, K> {
     /// [`ConfigError`] for an invalid policy name, a status outside 400..=599, a custom body
     /// without a content type, or a fallback divisor of 0.
     pub fn build(self) -> Result<RateLimitLayer<St, K>, ConfigError> {
-        if !(400..=599).contains(&self.status) {
-            return Err(ConfigError::Status(self.status));
+        if !(400..=599).contains(&self.settings.status) {
+            return Err(ConfigError::Status(self.settings.status));
         }
-        let name = self.policy_name.as_deref().unwrap_or("default");
-        let quotas = std::iter::once(self.quota).chain(self.more_quotas.iter().copied());
+        let name = self.settings.policy_name.as_deref().unwrap_or("default");
+        let quotas =
+            std::iter::once(self.settings.quota).chain(self.settings.more_quotas.iter().copied());
         let policy = Policy::multi(name, quotas)?;
-        let fallback = match self.fail_mode {
+        let fallback = match self.settings.fail_mode {
             FailMode::Fallback { divisor } => Some((MemoryStore::new(), policy.divided(divisor)?)),
             _ => None,
         };
