@@ -1,0 +1,123 @@
+//! The demo binary on the Redis store, black-box over HTTP, as the README's "distributed in 30
+//! seconds" walkthrough runs it: two demo processes behind one real redis-server share one
+//! limit, and a Redis outage is handled by the fail mode.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::demo::Demo;
+use common::redis::RedisServer;
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn two_demo_servers_share_one_limit() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = ["--redis-url", url.as_str(), "--rate", "10/m"];
+    let (a, b) = (Demo::start(&args), Demo::start(&args));
+    assert!(a.banner.contains("store: redis"), "{}", a.banner);
+    let c = client();
+    let mut admitted = 0;
+    for _ in 0..15 {
+        for demo in [&a, &b] {
+            let res = c.get(demo.url("/api/hello")).send().unwrap();
+            match res.status().as_u16() {
+                200 => admitted += 1,
+                429 => assert!(res.headers().contains_key("retry-after")),
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    }
+    assert_eq!(
+        admitted, 10,
+        "both servers together admit the capacity, once"
+    );
+    // Several quotas, one atomic decision, shared too.
+    let multi = ["--redis-url", url.as_str(), "--multi-quotas", "3/m,100/h"];
+    let (m1, m2) = (Demo::start(&multi), Demo::start(&multi));
+    let statuses: Vec<u16> = (0..3)
+        .flat_map(|_| [&m1, &m2])
+        .map(|d| c.get(d.url("/api/multi")).send().unwrap().status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn redis_outage_follows_the_fail_mode() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let closed = Demo::start(&["--redis-url", &url, "--fail-mode", "closed"]);
+    let fallback = Demo::start(&[
+        "--redis-url",
+        &url,
+        "--fail-mode",
+        "fallback",
+        "--fallback-divisor",
+        "2",
+        "--rate",
+        "4/m",
+    ]);
+    let open = Demo::start(&["--redis-url", &url]);
+    let c = client();
+    assert_eq!(
+        c.get(closed.url("/api/hello")).send().unwrap().status(),
+        200
+    );
+    redis.kill();
+    // Closed: 503 with Retry-After: 1, never slower than the 50 ms timeout plus slack.
+    for _ in 0..5 {
+        let started = Instant::now();
+        let res = c.get(closed.url("/api/hello")).send().unwrap();
+        assert_eq!(res.status(), 503);
+        assert_eq!(res.headers()["retry-after"], "1");
+        assert!(started.elapsed() < Duration::from_millis(1000));
+    }
+    // Open: everything is served.
+    for _ in 0..5 {
+        assert_eq!(c.get(open.url("/api/hello")).send().unwrap().status(), 200);
+    }
+    // Fallback: each server enforces 4/2 = 2 per minute locally.
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| {
+            c.get(fallback.url("/api/hello"))
+                .send()
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+        .collect();
+    assert_eq!(statuses, vec![200, 200, 429, 429]);
+    // Redis comes back: limiting resumes through Redis within a few seconds (breaker
+    // cool-down 1 s, reconnect with backoff), with no restart of the app.
+    redis.restart();
+    let restarted = Instant::now();
+    let deadline = restarted + Duration::from_secs(10);
+    loop {
+        let res = c.get(closed.url("/api/hello")).send().unwrap();
+        if res.status() == 200 {
+            assert!(res.headers().contains_key("ratelimit"));
+            eprintln!(
+                "limiting resumed {:?} after the restart",
+                restarted.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "limiting did not resume within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
