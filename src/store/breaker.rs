@@ -628,3 +628,313 @@ fn micros(d: Duration) -> u64 {
         .unwrap_or(u64::MAX)
         .min(TIME_MASK)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, MemoryStore, Quota};
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::task::Waker;
+
+    type Boxed = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>;
+
+    /// A store that fails, or never answers, on purpose; counts the checks reaching it.
+    #[derive(Clone)]
+    struct Flaky {
+        inner: MemoryStore<ManualClock>,
+        calls: Arc<AtomicUsize>,
+        fail: Arc<AtomicBool>,
+        hang: Arc<AtomicBool>,
+    }
+
+    impl Flaky {
+        fn new(clock: &ManualClock) -> Self {
+            Self {
+                inner: MemoryStore::builder().clock(clock.clone()).build().unwrap(),
+                calls: Arc::default(),
+                fail: Arc::default(),
+                hang: Arc::default(),
+            }
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Store for Flaky {
+        type Future = Boxed;
+
+        fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.hang.load(Ordering::SeqCst) {
+                return Box::pin(std::future::pending());
+            }
+            let result = if self.fail.load(Ordering::SeqCst) {
+                Err(StoreError::new(StoreErrorKind::Timeout, "on purpose"))
+            } else {
+                Ok(self.inner.check_now(policy, key, cost))
+            };
+            Box::pin(std::future::ready(result))
+        }
+
+        fn reset(
+            &self,
+            policy: &Policy,
+            key: &Key,
+        ) -> impl Future<Output = Result<(), StoreError>> + Send {
+            self.inner.reset(policy, key)
+        }
+    }
+
+    fn poll<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+        Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    fn run<F: Future + Unpin>(mut f: F) -> F::Output {
+        match poll(&mut f) {
+            Poll::Ready(out) => out,
+            Poll::Pending => panic!("pending"),
+        }
+    }
+
+    struct Fixture {
+        breaker: CircuitBreaker<Flaky, ManualClock>,
+        store: Flaky,
+        clock: ManualClock,
+        policy: Policy,
+        key: Key,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let clock = ManualClock::new();
+            let store = Flaky::new(&clock);
+            let breaker = CircuitBreaker::new(store.clone())
+                .failures(3)
+                .cooldown(Duration::from_secs(1))
+                .clock(clock.clone());
+            Self {
+                breaker,
+                store,
+                clock,
+                policy: Policy::new("p", Quota::per_second(1_000).unwrap()).unwrap(),
+                key: Key::from("k"),
+            }
+        }
+
+        fn check(&self) -> BreakerFuture<Boxed, ManualClock> {
+            self.breaker.check(&self.policy, &self.key, 1)
+        }
+
+        fn fail(&self, on: bool) {
+            self.store.fail.store(on, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_then_fails_fast_without_calling_the_store() {
+        let f = Fixture::new();
+        f.fail(true);
+        for i in 1..=3 {
+            assert_eq!(f.breaker.state(), BreakerState::Closed);
+            let e = run(f.check()).unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::Timeout);
+            assert_eq!(f.store.calls(), i);
+        }
+        assert_eq!(f.breaker.state(), BreakerState::Open);
+        for _ in 0..100 {
+            let e = run(f.check()).unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::CircuitOpen);
+        }
+        assert_eq!(f.store.calls(), 3);
+        let stats = f.breaker.stats();
+        assert_eq!((stats.opened, stats.rejected, stats.probes), (1, 100, 0));
+        assert_eq!(stats.consecutive_failures, 3);
+    }
+
+    #[test]
+    fn a_success_resets_the_count() {
+        let f = Fixture::new();
+        for _ in 0..10 {
+            f.fail(true);
+            run(f.check()).unwrap_err();
+            run(f.check()).unwrap_err();
+            f.fail(false);
+            run(f.check()).unwrap();
+        }
+        assert_eq!(f.breaker.state(), BreakerState::Closed);
+        assert_eq!(f.store.calls(), 30);
+    }
+
+    #[test]
+    fn exactly_one_probe_after_the_cooldown_and_success_closes() {
+        let f = Fixture::new();
+        f.fail(true);
+        for _ in 0..3 {
+            run(f.check()).unwrap_err();
+        }
+        f.clock.advance(Duration::from_millis(999));
+        assert_eq!(f.breaker.state(), BreakerState::Open);
+        run(f.check()).unwrap_err();
+        assert_eq!(f.store.calls(), 3);
+        f.clock.advance(Duration::from_millis(1));
+        assert_eq!(f.breaker.state(), BreakerState::HalfOpen);
+        f.fail(false);
+        // The probe is claimed when the check starts; others fail fast meanwhile.
+        let probe = f.check();
+        for _ in 0..10 {
+            let e = run(f.check()).unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::CircuitOpen);
+        }
+        assert_eq!(f.store.calls(), 4);
+        assert_eq!(f.breaker.state(), BreakerState::HalfOpen);
+        assert!(run(probe).unwrap().is_allowed());
+        assert_eq!(f.breaker.state(), BreakerState::Closed);
+        assert_eq!(f.breaker.stats().consecutive_failures, 0);
+        for _ in 0..5 {
+            run(f.check()).unwrap();
+        }
+        assert_eq!(f.store.calls(), 9);
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_for_another_cooldown() {
+        let f = Fixture::new();
+        f.fail(true);
+        for _ in 0..3 {
+            run(f.check()).unwrap_err();
+        }
+        for round in 1..=5 {
+            f.clock.advance(Duration::from_secs(1));
+            let e = run(f.check()).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                StoreErrorKind::Timeout,
+                "round {round}: the probe"
+            );
+            assert_eq!(f.breaker.state(), BreakerState::Open);
+            f.clock.advance(Duration::from_millis(500));
+            run(f.check()).unwrap_err();
+            assert_eq!(f.store.calls(), 3 + round);
+            f.clock.rewind(Duration::from_millis(500));
+        }
+        assert_eq!(f.breaker.stats().opened, 6);
+        assert_eq!(f.breaker.stats().probes, 5);
+    }
+
+    #[test]
+    fn a_dropped_probe_hands_the_probe_to_the_next_check() {
+        let f = Fixture::new();
+        f.fail(true);
+        for _ in 0..3 {
+            run(f.check()).unwrap_err();
+        }
+        f.clock.advance(Duration::from_secs(1));
+        f.store.hang.store(true, Ordering::SeqCst);
+        let mut probe = f.check();
+        assert!(poll(&mut probe).is_pending());
+        run(f.check()).unwrap_err();
+        assert_eq!(f.store.calls(), 4);
+        drop(probe);
+        f.store.hang.store(false, Ordering::SeqCst);
+        f.fail(false);
+        run(f.check()).unwrap();
+        assert_eq!(f.breaker.state(), BreakerState::Closed);
+        assert_eq!(f.store.calls(), 5);
+    }
+
+    #[test]
+    fn a_probe_that_never_answers_is_replaced_after_a_cooldown() {
+        let f = Fixture::new();
+        f.fail(true);
+        for _ in 0..3 {
+            run(f.check()).unwrap_err();
+        }
+        f.clock.advance(Duration::from_secs(1));
+        f.store.hang.store(true, Ordering::SeqCst);
+        let mut stuck = f.check();
+        assert!(poll(&mut stuck).is_pending());
+        f.clock.advance(Duration::from_millis(999));
+        run(f.check()).unwrap_err();
+        assert_eq!(f.store.calls(), 4);
+        f.clock.advance(Duration::from_millis(1));
+        f.store.hang.store(false, Ordering::SeqCst);
+        f.fail(false);
+        run(f.check()).unwrap();
+        assert_eq!(f.breaker.state(), BreakerState::Closed);
+        // The stale probe finishing later changes nothing.
+        drop(stuck);
+        assert_eq!(f.breaker.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn concurrent_checks_after_the_cooldown_send_one_probe() {
+        let f = Fixture::new();
+        f.fail(true);
+        for _ in 0..3 {
+            run(f.check()).unwrap_err();
+        }
+        f.clock.advance(Duration::from_secs(1));
+        f.store.hang.store(true, Ordering::SeqCst);
+        let barrier = std::sync::Barrier::new(4);
+        let pending = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    barrier.wait();
+                    for _ in 0..1_000 {
+                        let mut fut = f.check();
+                        if poll(&mut fut).is_pending() {
+                            pending.fetch_add(1, Ordering::SeqCst);
+                            // Keep the probe alive: dropping it would hand the probe on.
+                            std::mem::forget(fut);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(pending.load(Ordering::SeqCst), 1);
+        assert_eq!(f.store.calls(), 4);
+    }
+
+    #[test]
+    fn config_parses_failures_slash_millis() {
+        let c: BreakerConfig = "3/1000".parse().unwrap();
+        assert_eq!(c, BreakerConfig::default());
+        assert_eq!(c.to_string(), "3/1000");
+        let c: BreakerConfig = " 10 / 50 ".parse().unwrap();
+        assert_eq!(
+            (c.failures(), c.cooldown()),
+            (10, Duration::from_millis(50))
+        );
+        for bad in [
+            "",
+            "off",
+            "3",
+            "/",
+            "3/",
+            "/1000",
+            "0/1000",
+            "3/0",
+            "-1/5",
+            "3/1.5",
+            "3/1000/2",
+            "99999999999/1",
+        ] {
+            let e = bad.parse::<BreakerConfig>().unwrap_err();
+            assert!(
+                e.to_string().contains("FAILURES/COOLDOWN_MS"),
+                "{bad:?}: {e}"
+            );
+        }
+        let b = CircuitBreaker::new(()).config("7/20".parse().unwrap());
+        assert_eq!(b.failure_threshold(), 7);
+        assert_eq!(b.cooldown_duration(), Duration::from_millis(20));
+        let b = CircuitBreaker::new(()).failures(0).cooldown(Duration::ZERO);
+        assert_eq!(b.failure_threshold(), 1);
+        assert_eq!(b.cooldown_duration(), Duration::from_micros(1));
+        let huge = CircuitBreaker::new(()).cooldown(Duration::MAX);
+        assert!(huge.cooldown_duration() > Duration::from_secs(100 * 365 * 86_400));
+    }
+}

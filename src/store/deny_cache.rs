@@ -593,3 +593,300 @@ where
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, MemoryStore, StoreErrorKind};
+    use proptest::prelude::*;
+    use std::future::{Ready, ready};
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Waker;
+
+    /// Polls a future that must be ready at once (every store here is synchronous).
+    fn now<F: Future>(f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(out) => out,
+            Poll::Pending => panic!("a synchronous store's future was pending"),
+        }
+    }
+
+    /// A store that counts the checks reaching it, and can fail them on purpose.
+    #[derive(Clone)]
+    struct Counting {
+        inner: MemoryStore<ManualClock>,
+        calls: Arc<AtomicUsize>,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl Counting {
+        fn new(clock: &ManualClock) -> Self {
+            Self {
+                inner: MemoryStore::builder().clock(clock.clone()).build().unwrap(),
+                calls: Arc::default(),
+                fail: Arc::default(),
+            }
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Store for Counting {
+        type Future = Ready<Result<Decision, StoreError>>;
+
+        fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return ready(Err(StoreError::new(StoreErrorKind::Connection, "down")));
+            }
+            ready(Ok(self.inner.check_now(policy, key, cost)))
+        }
+
+        fn reset(
+            &self,
+            policy: &Policy,
+            key: &Key,
+        ) -> impl Future<Output = Result<(), StoreError>> + Send {
+            self.inner.reset(policy, key)
+        }
+    }
+
+    fn setup() -> (DenyCache<Counting, ManualClock>, Counting, ManualClock) {
+        let clock = ManualClock::new();
+        let store = Counting::new(&clock);
+        let cache = DenyCache::new(store.clone()).clock(clock.clone());
+        (cache, store, clock)
+    }
+
+    fn policy(quota: &str) -> Policy {
+        Policy::new("p", quota.parse().unwrap()).unwrap()
+    }
+
+    /// A flood far above the limit: decisions identical to the store's own at every instant,
+    /// one store call per emission interval once the client is known to be over.
+    #[test]
+    fn flood_is_decided_exactly_with_one_store_call_per_interval() {
+        let (cache, store, clock) = setup();
+        let reference = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+        let p = policy("10/s;capacity=5");
+        let (a, b) = (Key::from("flooder"), Key::from("reference"));
+        let mut denied = 0;
+        for _ in 0..1_000 {
+            let got = now(cache.check(&p, &a, 1)).unwrap();
+            let want = reference.check_now(&p, &b, 1);
+            assert_eq!(got, want);
+            denied += usize::from(!got.is_allowed());
+            clock.advance(Duration::from_millis(1));
+        }
+        // 5 at once, then one every 100 ms over 1 s; each denial's first store call caches.
+        assert_eq!(denied, 1_000 - 5 - 9);
+        assert!(store.calls() <= 5 + 1 + 10, "store calls {}", store.calls());
+        let stats = cache.stats();
+        assert_eq!(stats.store_calls as usize, store.calls());
+        assert_eq!(stats.local_denials as usize, 1_000 - store.calls());
+        assert_eq!(stats.entries, 1);
+    }
+
+    /// V1: a denial of cost 5 says nothing about cost 2, which the store still admits.
+    #[test]
+    fn a_denial_of_a_large_cost_does_not_deny_a_smaller_one() {
+        let (cache, store, _) = setup();
+        let p = policy("5/5s");
+        let k = Key::from("k");
+        assert_eq!(now(cache.check(&p, &k, 3)).unwrap().remaining(), 2);
+        let big = now(cache.check(&p, &k, 5)).unwrap();
+        assert_eq!(big.retry_after(), Some(Duration::from_secs(3)));
+        assert_eq!(store.calls(), 2);
+        // Cost 5 again: local. Cost 2: the store, admitted.
+        assert_eq!(now(cache.check(&p, &k, 5)).unwrap(), big);
+        assert_eq!(store.calls(), 2);
+        let small = now(cache.check(&p, &k, 2)).unwrap();
+        assert!(small.is_allowed());
+        assert_eq!(small.remaining(), 0);
+        assert_eq!(store.calls(), 3);
+        // The entry was refreshed by the admission: cost 1 is now denied locally.
+        let one = now(cache.check(&p, &k, 1)).unwrap();
+        assert_eq!(one.retry_after(), Some(Duration::from_secs(1)));
+        assert_eq!(store.calls(), 3);
+    }
+
+    #[test]
+    fn peeks_always_reach_the_store_and_impossible_costs_are_local_once_known() {
+        let (cache, store, _) = setup();
+        let p = policy("2/h");
+        let k = Key::from("k");
+        for _ in 0..3 {
+            now(cache.check(&p, &k, 1)).unwrap();
+        }
+        assert_eq!(store.calls(), 3);
+        for _ in 0..4 {
+            let peek = now(cache.peek(&p, &k)).unwrap();
+            assert!(peek.is_allowed());
+            assert_eq!(peek.remaining(), 0);
+        }
+        assert_eq!(store.calls(), 7);
+        let never = now(cache.check(&p, &k, 3)).unwrap();
+        assert_eq!(never.outcome(), Outcome::Impossible);
+        assert_eq!(never.reset_after(), Duration::from_secs(3_600));
+        assert_eq!(store.calls(), 7);
+    }
+
+    #[test]
+    fn reset_forgets_the_local_entry_and_the_store_state() {
+        let (cache, store, _) = setup();
+        let p = policy("1/h");
+        let k = Key::from("k");
+        now(cache.check(&p, &k, 1)).unwrap();
+        assert!(!now(cache.check(&p, &k, 1)).unwrap().is_allowed());
+        assert_eq!(cache.len(), 1);
+        now(cache.reset(&p, &k)).unwrap();
+        assert!(cache.is_empty());
+        assert!(now(cache.check(&p, &k, 1)).unwrap().is_allowed());
+        assert_eq!(store.calls(), 3);
+    }
+
+    /// Entries are remembered per quota: another quota under the same name never uses them.
+    #[test]
+    fn a_policy_of_the_same_name_with_another_quota_is_not_answered_locally() {
+        let (cache, store, _) = setup();
+        let strict = policy("1/h");
+        let loose = policy("100/h;capacity=200");
+        let k = Key::from("k");
+        now(cache.check(&strict, &k, 1)).unwrap();
+        assert!(!now(cache.check(&strict, &k, 1)).unwrap().is_allowed());
+        assert_eq!(store.calls(), 2);
+        // The underlying MemoryStore shares the TAT by name; only the store may decide.
+        let d = now(cache.check(&loose, &k, 1)).unwrap();
+        assert!(d.is_allowed());
+        assert_eq!(store.calls(), 3);
+        assert!(cache.is_empty(), "the mismatched entry was dropped");
+    }
+
+    #[test]
+    fn store_failures_pass_through_and_keep_the_entry() {
+        let (cache, store, clock) = setup();
+        let p = policy("1/s");
+        let k = Key::from("k");
+        now(cache.check(&p, &k, 1)).unwrap();
+        now(cache.check(&p, &k, 1)).unwrap();
+        store.fail.store(true, Ordering::SeqCst);
+        // Still over: local, the store is not even asked.
+        assert!(!now(cache.check(&p, &k, 1)).unwrap().is_allowed());
+        clock.advance(Duration::from_secs(1));
+        let err = now(cache.check(&p, &k, 1)).unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Connection);
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn memory_is_bounded_and_expired_entries_are_swept() {
+        let clock = ManualClock::new();
+        let store = Counting::new(&clock);
+        let cache = DenyCache::new(store).clock(clock.clone()).max_keys(100);
+        let p = policy("1/h");
+        for i in 0..1_000u64 {
+            let k = Key::from(i);
+            now(cache.check(&p, &k, 1)).unwrap();
+            now(cache.check(&p, &k, 1)).unwrap();
+            assert!(cache.len() <= 100, "len {} after {i}", cache.len());
+        }
+        assert!(cache.len() >= 50, "still caching: {}", cache.len());
+        clock.advance(Duration::from_secs(3_600));
+        cache.sweep();
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn max_keys_zero_turns_the_cache_off() {
+        let (cache, store, _) = setup();
+        let cache = cache.max_keys(0);
+        let p = policy("1/h");
+        let k = Key::from("k");
+        for _ in 0..10 {
+            now(cache.check(&p, &k, 1)).unwrap();
+        }
+        assert_eq!(store.calls(), 10);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn polled_after_completion_is_pending_not_a_panic() {
+        let (cache, _, _) = setup();
+        let p = policy("1/h");
+        let k = Key::from("k");
+        now(cache.check(&p, &k, 1)).unwrap();
+        for _ in 0..2 {
+            let mut f = std::pin::pin!(cache.check(&p, &k, 1));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(matches!(f.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+            assert!(f.as_mut().poll(&mut cx).is_pending());
+        }
+    }
+
+    /// Several quotas in one policy: remembered together, denied locally when any denies.
+    #[test]
+    fn multi_quota_policies_are_cached_exactly() {
+        let (cache, store, clock) = setup();
+        let reference = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+        let p = Policy::multi(
+            "m",
+            ["2/s".parse::<Quota>().unwrap(), "5/h".parse().unwrap()],
+        )
+        .unwrap();
+        let (a, b) = (Key::from("a"), Key::from("b"));
+        for _ in 0..400 {
+            let got = now(cache.check(&p, &a, 1)).unwrap();
+            assert_eq!(got, reference.check_now(&p, &b, 1));
+            clock.advance(Duration::from_millis(10));
+        }
+        assert!(store.calls() <= 12, "store calls {}", store.calls());
+    }
+
+    proptest! {
+        /// Two app servers, each with its own cache, in front of one shared store: every
+        /// outcome is the one the store alone would give at that instant; a local denial's wait
+        /// is never longer than the store's; with one server the decisions are identical.
+        #[test]
+        fn caches_never_change_an_outcome(
+            capacity in 1u32..6,
+            interval_ms in 1u64..500,
+            ops in proptest::collection::vec((0usize..2, 0u64..300, 0u32..8), 1..300),
+            one_server in any::<bool>(),
+        ) {
+            let clock = ManualClock::new();
+            let shared = Counting::new(&clock);
+            let caches = [
+                DenyCache::new(shared.clone()).clock(clock.clone()),
+                DenyCache::new(shared.clone()).clock(clock.clone()),
+            ];
+            let quota = Quota::new(1, Duration::from_millis(interval_ms))
+                .unwrap()
+                .with_capacity(capacity)
+                .unwrap();
+            let p = Policy::new("p", quota).unwrap();
+            let k = Key::from("k");
+            let mut tat = 0u64;
+            for (server, dt_ms, cost) in ops {
+                clock.advance(Duration::from_micros(dt_ms * 700));
+                let server = if one_server { 0 } else { server };
+                let want = gcra::step(tat, clock.now_micros(), &quota, cost);
+                let got = now(caches[server].check(&p, &k, cost)).unwrap();
+                prop_assert_eq!(got.outcome(), want.decision.outcome());
+                if one_server {
+                    prop_assert_eq!(&got, &want.decision);
+                }
+                if let (Some(local), Some(true_wait)) =
+                    (got.retry_after(), want.decision.retry_after())
+                {
+                    prop_assert!(local <= true_wait);
+                }
+                if let Some(w) = want.write {
+                    tat = w;
+                }
+            }
+        }
+    }
+}
