@@ -17,6 +17,8 @@
 //!
 //! Built-ins: [`ClientIp`] (socket peer, trusted-proxy aware, IPv6 prefix grouping),
 //! [`Header`], [`ApiKeyOrIp`] and [`Global`]. Any `Fn(&Parts) -> Option<impl Into<Key>>` works.
+//!
+#![doc = include_str!("../docs/proxies.md")]
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
