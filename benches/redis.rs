@@ -51,6 +51,26 @@ struct Run {
     per_sec: f64,
     p50: Duration,
     p99: Duration,
+    /// This process's CPU time (user + system) per decision, in microseconds.
+    cpu_us: f64,
+}
+
+/// This process's user + system CPU time, from /proc (clock ticks of 10 ms; runs are long
+/// enough for that to be fine). Zero where /proc is missing.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // After the command name: state is field 0, utime field 11, stime field 12.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 async fn measure(
@@ -62,6 +82,7 @@ async fn measure(
 ) -> Run {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
+    let cpu_start = process_cpu();
     let mut tasks = Vec::new();
     for w in 0..inflight {
         let (client, policy, keys) = (client.clone(), policy.clone(), keys.clone());
@@ -113,12 +134,14 @@ async fn measure(
         all.extend(t.await.unwrap());
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = (process_cpu() - cpu_start).as_secs_f64();
     all.sort_unstable();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
     Run {
         per_sec: all.len() as f64 / elapsed,
         p50: pct(0.50),
         p99: pct(0.99),
+        cpu_us: cpu * 1e6 / all.len() as f64,
     }
 }
 
@@ -234,12 +257,18 @@ async fn run(server: &RedisServer, cell: bool, rounds: usize, secs: f64) {
     let floor = redis::Script::new(FLOOR_LUA);
     let mut admin = conn.clone();
 
+    if let Ok(which) = std::env::var("BENCH_PROFILE") {
+        let client = if which == "bare" { &bare } else { &ours };
+        let r = measure(client, &policy, &keys, 128, secs).await;
+        println!("profile {which}: {:.0}/s cpu {:.1} us", r.per_sec, r.cpu_us);
+        return;
+    }
     let mut cpu_ratio_cell = Vec::new();
     let mut cpu_ratio_floor = Vec::new();
     let mut cpu_ours = Vec::new();
     let mut tput: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); 3];
     let mut incr_gap = Vec::new();
-    println!("round | in flight | client | decisions/s | p50 | p99");
+    println!("round | in flight | client | decisions/s | p50 | p99 | client CPU us/decision");
     for round in 0..rounds {
         // 1. Redis CPU per decision, same keys, same count.
         let n = if secs < 0.5 { 2_000 } else { 20_000 };
@@ -303,8 +332,8 @@ async fn run(server: &RedisServer, cell: bool, rounds: usize, secs: f64) {
             for (name, client) in order {
                 let r = measure(client, &policy, &keys, inflight, secs).await;
                 println!(
-                    "{round} | {inflight} | {name} | {:.0} | {:?} | {:?}",
-                    r.per_sec, r.p50, r.p99
+                    "{round} | {inflight} | {name} | {:.0} | {:?} | {:?} | {:.1}",
+                    r.per_sec, r.p50, r.p99, r.cpu_us
                 );
                 got.insert(name, r);
             }

@@ -66,7 +66,11 @@ async fn cluster_vectors_atomicity_hostile_keys_and_script_flush() {
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(200));
     let mut tasks = Vec::new();
     for i in 0..200u32 {
-        let st = if i.is_multiple_of(2) { s.clone() } else { other.clone() };
+        let st = if i.is_multiple_of(2) {
+            s.clone()
+        } else {
+            other.clone()
+        };
         let (p, barrier) = (p.clone(), barrier.clone());
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;

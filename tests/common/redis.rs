@@ -184,7 +184,8 @@ fn wait_for_ping(addr: SocketAddr, within: Duration) -> bool {
             let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
             let mut buf = [0u8; 64];
             let answered = s.write_all(b"PING\r\n").is_ok()
-                && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"));
+                && s.read(&mut buf)
+                    .is_ok_and(|n| buf[..n].starts_with(b"+PONG"));
             if answered {
                 return true;
             }
