@@ -134,6 +134,13 @@ impl Decision {
         Duration::from_micros(self.used.saturating_sub(later))
     }
 
+    /// How far this admitted request is beyond the first `n` requests of a burst, in time:
+    /// `reset_after - n × T`, saturating at zero. The layer's `delay_after` waits this long.
+    pub(crate) fn excess_over(&self, n: u32) -> Duration {
+        let undelayed = self.interval.saturating_mul(u64::from(n));
+        Duration::from_micros(self.used.saturating_sub(undelayed))
+    }
+
     /// The decision was made without the shared store: by a fallback limiter because the store
     /// failed, or as a fail-open verdict.
     pub const fn is_degraded(&self) -> bool {

@@ -42,6 +42,11 @@ pin_project! {
             pending: Option<(S, Request<ReqBody>, Key)>,
             cost: u32,
         },
+        Delaying {
+            #[pin]
+            sleep: tokio::time::Sleep,
+            pending: Option<(S, Request<ReqBody>, Decision)>,
+        },
         Calling {
             #[pin]
             fut: F,
@@ -112,6 +117,14 @@ where
                     match this.shared.verdict(result, &key, cost) {
                         Verdict::Pass { decision, headers } => {
                             req.extensions_mut().insert(decision.clone());
+                            let delay = this.shared.delay_for(&decision, &key);
+                            if let (Some(delay), true) = (delay, headers) {
+                                this.state.set(State::Delaying {
+                                    sleep: tokio::time::sleep(delay),
+                                    pending: Some((inner, req, decision)),
+                                });
+                                continue;
+                            }
                             let fut = inner.call(req);
                             this.state.set(State::Calling {
                                 fut,
@@ -123,6 +136,18 @@ where
                             return Poll::Ready(Ok(response));
                         }
                     }
+                }
+                StateProj::Delaying { sleep, pending } => {
+                    ready!(sleep.poll(cx));
+                    let Some((mut inner, req, decision)) = pending.take() else {
+                        this.state.set(State::Done);
+                        continue;
+                    };
+                    let fut = inner.call(req);
+                    this.state.set(State::Calling {
+                        fut,
+                        decision: Some((decision, true)),
+                    });
                 }
                 StateProj::Calling { fut, decision } => {
                     let response = ready!(fut.poll(cx))?;
@@ -241,6 +266,43 @@ impl<St, K> Shared<St, K> {
                 http::HeaderValue::from_static(how),
             );
         }
+    }
+
+    /// How long an admitted request waits before it is served (nginx `limit_req` without
+    /// `nodelay`): `None` unless the layer delays and the request is beyond the first
+    /// `delay_after` of a burst.
+    fn delay_for(&self, decision: &Decision, key: &Key) -> Option<std::time::Duration> {
+        let after = self.delay_after?;
+        if !decision.is_allowed() || decision.is_degraded() {
+            return None;
+        }
+        let delay = decision
+            .per_quota()
+            .iter()
+            .map(|d| d.excess_over(after))
+            .max()
+            .filter(|d| !d.is_zero())?;
+        self.counters.delayed.fetch_add(1, Ordering::Relaxed);
+        // nginx logs delays one level below rejections.
+        macro_rules! delayed {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "tollgate::limited",
+                    $level,
+                    policy = self.policy.name(),
+                    key = %key,
+                    delay_ms = delay.as_millis() as u64,
+                    "request delayed"
+                )
+            };
+        }
+        match self.log_level {
+            Level::ERROR => delayed!(Level::WARN),
+            Level::WARN => delayed!(Level::INFO),
+            Level::INFO => delayed!(Level::DEBUG),
+            _ => delayed!(Level::TRACE),
+        }
+        Some(delay)
     }
 
     fn log_limited(&self, key: &Key, cost: u32, decision: &Decision) {

@@ -70,6 +70,8 @@ pub(crate) struct Shared<St, K> {
     /// The local limiter for [`FailMode::Fallback`], with the divided quota.
     pub(crate) fallback: Option<(MemoryStore, Policy)>,
     pub(crate) dry_run: bool,
+    /// Delay admitted requests beyond the first `n` of a burst (nginx without `nodelay`).
+    pub(crate) delay_after: Option<u32>,
     pub(crate) header_style: HeaderStyle,
     pub(crate) reset_style: ResetStyle,
     pub(crate) headers_on_allowed: bool,
@@ -91,6 +93,7 @@ pub(crate) struct Counters {
     pub(crate) unlimited: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) degraded: AtomicU64,
+    pub(crate) delayed: AtomicU64,
 }
 
 /// A snapshot of a layer's counters since it was built.
@@ -110,6 +113,8 @@ pub struct Stats {
     pub store_errors: u64,
     /// Decisions made without the store: fail-open, fail-closed or by the fallback limiter.
     pub degraded: u64,
+    /// Admitted requests that were delayed before being served (see [`Builder::delay_after`]).
+    pub delayed: u64,
 }
 
 impl<K: KeyExtractor> RateLimitLayer<MemoryStore, K> {
@@ -156,6 +161,7 @@ impl<St, K> RateLimitLayer<St, K> {
             unlimited: get(&c.unlimited),
             store_errors: get(&c.store_errors),
             degraded: get(&c.degraded),
+            delayed: get(&c.delayed),
         }
     }
 }
@@ -202,6 +208,7 @@ struct Settings {
     skip: Option<Arc<SkipFn>>,
     fail_mode: FailMode,
     dry_run: bool,
+    delay_after: Option<u32>,
     header_style: HeaderStyle,
     reset_style: ResetStyle,
     headers_on_allowed: bool,
@@ -231,6 +238,7 @@ impl Builder {
                 skip: None,
                 fail_mode: FailMode::default(),
                 dry_run: false,
+                delay_after: None,
                 header_style: HeaderStyle::default(),
                 reset_style: ResetStyle::default(),
                 headers_on_allowed: true,
@@ -317,6 +325,30 @@ impl<St, K> Builder<St, K> {
         self
     }
 
+    /// Smooth bursts instead of admitting them at once: the first `n` requests of a burst are
+    /// served immediately, each later one (up to the capacity) waits until it conforms to the
+    /// rate, and requests beyond the capacity are still rejected. This is nginx `limit_req`
+    /// without `nodelay`: nginx `burst=b delay=d` is capacity `b + 1` with `delay_after(d + 1)`,
+    /// and plain `burst=b` is `delay_after(1)`. Off by default (nginx `nodelay`).
+    ///
+    /// ```
+    /// use tollgate::RateLimitLayer;
+    ///
+    /// // nginx: limit_req zone=z burst=12 delay=8; with rate=5r/s
+    /// let layer = RateLimitLayer::builder("5/s;capacity=13".parse()?)
+    ///     .delay_after(9)
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// Delays hold the request in the service (a tokio timer; the runtime needs its time
+    /// driver, as axum's has). `build` rejects `n = 0`.
+    pub fn delay_after(mut self, n: u32) -> Self {
+        self.settings.delay_after = Some(n);
+        self
+    }
+
     /// Which rate-limit header fields to send (default IETF draft-10).
     pub fn headers(mut self, style: HeaderStyle) -> Self {
         self.settings.header_style = style;
@@ -375,6 +407,7 @@ impl<St, K> Builder<St, K> {
             fail_mode: self.settings.fail_mode,
             fallback: None,
             dry_run: self.settings.dry_run,
+            delay_after: self.settings.delay_after,
             header_style: self.settings.header_style,
             reset_style: self.settings.reset_style,
             headers_on_allowed: self.settings.headers_on_allowed,
@@ -401,6 +434,12 @@ impl<St: Store, K: KeyExtractor> Builder<St, K> {
     pub fn build(self) -> Result<RateLimitLayer<St, K>, ConfigError> {
         if !(400..=599).contains(&self.settings.status) {
             return Err(ConfigError::Status(self.settings.status));
+        }
+        if self.settings.delay_after == Some(0) {
+            return Err(ConfigError::Invalid(
+                "delay_after must be at least 1: the first request of a burst is never delayed"
+                    .into(),
+            ));
         }
         let name = self.settings.policy_name.as_deref().unwrap_or("default");
         let quotas =
