@@ -405,6 +405,7 @@ async fn stats<St: Store>(State(state): State<AppState<St>>, headers: HeaderMap)
             "unlimited": s.unlimited,
             "store_errors": s.store_errors,
             "degraded": s.degraded,
+            "delayed": s.delayed,
         })
     };
     Json(json!({
