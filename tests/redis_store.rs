@@ -173,6 +173,9 @@ async fn ttl_is_ceil_of_reset_after_and_denials_do_not_write() {
     let server = RedisServer::start();
     let s = store(&server).await;
     let mut con = admin(&server).await;
+    // MONITOR shows the commands the script runs, so the exact PX arguments can be checked.
+    let monitor = Monitor::start(server.port);
+    let mut wanted_px = Vec::new();
     for quota in ["3/s", "5/5s", "7/s;capacity=2", "1000/s"] {
         let p = policy("ttl", quota);
         let key = Key::from(format!("ttl-{quota}"));
@@ -185,12 +188,12 @@ async fn ttl_is_ceil_of_reset_after_and_denials_do_not_write() {
             .await
             .unwrap();
         assert!(!exists, "a peek created {quota}");
-        loop {
+        for _ in 0..2_000 {
+            let before = Instant::now();
             let d = s.check(&p, &key, 1).await.unwrap();
             if !d.is_allowed() {
                 break;
             }
-            let before = Instant::now();
             let pttl: i64 = redis::cmd("PTTL")
                 .arg(&rk)
                 .query_async(&mut con)
@@ -198,9 +201,10 @@ async fn ttl_is_ceil_of_reset_after_and_denials_do_not_write() {
                 .unwrap();
             let waited = before.elapsed().as_millis() as i64;
             let want = d.reset_after().as_micros().div_ceil(1_000) as i64;
+            wanted_px.push(want);
             assert!(
-                pttl <= want && pttl >= want - 1 - waited - 2,
-                "{quota}: PTTL {pttl} vs ceil(reset_after) {want}"
+                pttl <= want && pttl >= want - 1 - waited,
+                "{quota}: PTTL {pttl} vs ceil(reset_after) {want} ({waited} ms round trip)"
             );
         }
         if p.quota().emission_interval() < Duration::from_millis(100) {
@@ -233,6 +237,65 @@ async fn ttl_is_ceil_of_reset_after_and_denials_do_not_write() {
             .await
             .unwrap();
         assert!(!exists);
+    }
+    let written = monitor.finish(server.port);
+    assert_eq!(
+        written, wanted_px,
+        "PX arguments of the script's SETs vs ceil_ms(reset_after)"
+    );
+    assert!(written.iter().all(|px| *px >= 1));
+}
+
+/// `redis-cli MONITOR` in the background, collecting the `PX` argument of every `SET`.
+struct Monitor {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Monitor {
+    fn start(port: u16) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "MONITOR"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("redis-cli MONITOR");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("MONITOR answers");
+        assert_eq!(first.trim(), "OK");
+        Self { child, lines }
+    }
+
+    /// Sends a marker, reads up to it, stops MONITOR and returns the PX values seen.
+    fn finish(mut self, port: u16) -> Vec<i64> {
+        common::redis::cli(port, &["ECHO", "monitor-done"]);
+        let mut px = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).expect("the marker arrives");
+            if line.contains("\"monitor-done\"") {
+                break;
+            }
+            if line.contains("\"SET\"") {
+                let last = line.rsplit('"').nth(1).unwrap_or_default();
+                px.push(last.parse().expect("PX value"));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        px
     }
 }
 
