@@ -3,6 +3,7 @@
 //! admits everything, and with one that denies everything, in one criterion group.
 //!
 //! Run: `cargo bench --bench middleware`. For the same over real HTTP see `scripts/bench-http`.
+#![allow(missing_docs)] // criterion_group! and the harness generate undocumented items
 
 use std::net::SocketAddr;
 

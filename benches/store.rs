@@ -3,6 +3,7 @@
 //! threads.
 //!
 //! Run: `cargo bench --bench store` (or `scripts/bench-store` for the ratio table).
+#![allow(missing_docs)] // criterion_group! and the harness generate undocumented items
 
 use std::hint::black_box;
 use std::num::NonZeroU32;

@@ -22,20 +22,20 @@ use crate::store::{FailMode, Store};
 
 pin_project! {
     /// The future of a [`RateLimit`](crate::RateLimit) service's response.
-    pub struct ResponseFuture<S, St, K, ReqBody>
+    pub struct ResponseFuture<S, St, K, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>>,
         St: Store,
     {
         #[pin]
-        state: State<St::Future, S, ReqBody, S::Future>,
+        state: State<St::Future, S, ReqBody, S::Future, ResBody>,
         shared: Arc<Shared<St, K>>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<C, S, ReqBody, F> {
+    enum State<C, S, ReqBody, F, ResBody> {
         Checking {
             #[pin]
             check: C,
@@ -54,15 +54,33 @@ pin_project! {
             // fail-open verdicts); `None` for unlimited requests.
             decision: Option<(Decision, bool)>,
         },
+        // Answered without the inner service (a rejection or a 503).
+        Ready {
+            response: Option<Response<RateLimitBody<ResBody>>>,
+        },
         Done,
     }
 }
 
-impl<S, St, K, ReqBody> ResponseFuture<S, St, K, ReqBody>
+impl<S, St, K, ReqBody, ResBody> ResponseFuture<S, St, K, ReqBody, ResBody>
 where
-    S: Service<Request<ReqBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     St: Store,
 {
+    /// The store answered at once (see [`Store::check_ready`]): decide now, so the request goes
+    /// straight to the inner service without waiting in this future.
+    pub(crate) fn decided(
+        result: Result<Decision, StoreError>,
+        inner: S,
+        req: Request<ReqBody>,
+        key: &Key,
+        cost: u32,
+        shared: Arc<Shared<St, K>>,
+    ) -> Self {
+        let state = next_state(&shared, result, inner, req, key, cost);
+        Self { state, shared }
+    }
+
     pub(crate) fn checking(
         check: St::Future,
         inner: S,
@@ -92,7 +110,40 @@ where
     }
 }
 
-impl<S, St, K, ReqBody, ResBody> Future for ResponseFuture<S, St, K, ReqBody>
+/// What follows a decision: the rejection, a delay, or the call to the inner service.
+fn next_state<S, St, K, ReqBody, ResBody>(
+    shared: &Shared<St, K>,
+    result: Result<Decision, StoreError>,
+    mut inner: S,
+    mut req: Request<ReqBody>,
+    key: &Key,
+    cost: u32,
+) -> State<St::Future, S, ReqBody, S::Future, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    St: Store,
+{
+    match shared.verdict(result, key, cost) {
+        Verdict::Pass { decision, headers } => {
+            req.extensions_mut().insert(decision.clone());
+            if headers && let Some(delay) = shared.delay_for(&decision, key) {
+                return State::Delaying {
+                    sleep: tokio::time::sleep(delay),
+                    pending: Some((inner, req, decision)),
+                };
+            }
+            State::Calling {
+                fut: inner.call(req),
+                decision: Some((decision, headers)),
+            }
+        }
+        Verdict::Respond(response) => State::Ready {
+            response: Some(response),
+        },
+    }
+}
+
+impl<S, St, K, ReqBody, ResBody> Future for ResponseFuture<S, St, K, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     St: Store,
@@ -110,32 +161,13 @@ where
                 } => {
                     let result = ready!(check.poll(cx));
                     let cost = *cost;
-                    let Some((mut inner, mut req, key)) = pending.take() else {
-                        this.state.set(State::Done);
-                        continue;
+                    let next = match pending.take() {
+                        Some((inner, req, key)) => {
+                            next_state(this.shared, result, inner, req, &key, cost)
+                        }
+                        None => State::Done,
                     };
-                    match this.shared.verdict(result, &key, cost) {
-                        Verdict::Pass { decision, headers } => {
-                            req.extensions_mut().insert(decision.clone());
-                            let delay = this.shared.delay_for(&decision, &key);
-                            if let (Some(delay), true) = (delay, headers) {
-                                this.state.set(State::Delaying {
-                                    sleep: tokio::time::sleep(delay),
-                                    pending: Some((inner, req, decision)),
-                                });
-                                continue;
-                            }
-                            let fut = inner.call(req);
-                            this.state.set(State::Calling {
-                                fut,
-                                decision: Some((decision, headers)),
-                            });
-                        }
-                        Verdict::Respond(response) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Ok(response));
-                        }
-                    }
+                    this.state.set(next);
                 }
                 StateProj::Delaying { sleep, pending } => {
                     ready!(sleep.poll(cx));
@@ -173,6 +205,13 @@ where
                         }
                     }
                     return Poll::Ready(Ok(response));
+                }
+                StateProj::Ready { response } => {
+                    let response = response.take();
+                    this.state.set(State::Done);
+                    if let Some(response) = response {
+                        return Poll::Ready(Ok(response));
+                    }
                 }
                 StateProj::Done => {
                     // Polled after completion: tower futures are not fused, but never panic.

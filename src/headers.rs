@@ -18,7 +18,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use http::header::{Entry, OccupiedEntry};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::decision::Decision;
@@ -153,27 +153,33 @@ pub(crate) fn apply(
     decision: &Decision,
 ) {
     if style.ietf() {
-        let mut member = Vec::with_capacity(48 * fields.quoted_names.len());
+        // One list member per quota: `"name";r=R;t=T`, built on the stack.
+        let mut member = ValueBuf::new();
         let mut digits = itoa::Buffer::new();
         for (name, d) in fields.quoted_names.iter().zip(decision.per_quota()) {
             if !member.is_empty() {
-                member.extend_from_slice(b", ");
+                member.push(b", ");
             }
-            member.extend_from_slice(name.as_bytes());
-            member.extend_from_slice(b";r=");
-            member.extend_from_slice(digits.format(d.remaining()).as_bytes());
-            member.extend_from_slice(b";t=");
-            member.extend_from_slice(digits.format(ceil_secs(d.next_available())).as_bytes());
+            member.push(name.as_bytes());
+            member.push(b";r=");
+            member.push(digits.format(d.remaining()).as_bytes());
+            member.push(b";t=");
+            member.push(digits.format(ceil_secs(d.next_available())).as_bytes());
         }
-        if headers.contains_key(&RATELIMIT_POLICY) {
-            prepend_member(headers, &RATELIMIT_POLICY, fields.policy_member.as_bytes());
-        } else {
-            headers.insert(RATELIMIT_POLICY.clone(), fields.policy_value.clone());
+        match headers.entry(&RATELIMIT_POLICY) {
+            Entry::Vacant(slot) => {
+                slot.insert(fields.policy_value.clone());
+            }
+            Entry::Occupied(slot) => prepend_member(slot, fields.policy_member.as_bytes()),
         }
-        if headers.contains_key(&RATELIMIT) {
-            prepend_member(headers, &RATELIMIT, &member);
-        } else if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(member)) {
-            headers.insert(RATELIMIT.clone(), v);
+        match headers.entry(&RATELIMIT) {
+            Entry::Vacant(slot) => {
+                // Printable ASCII only (validated names, digits), so this cannot fail.
+                if let Ok(v) = HeaderValue::from_bytes(member.as_bytes()) {
+                    slot.insert(v);
+                }
+            }
+            Entry::Occupied(slot) => prepend_member(slot, member.as_bytes()),
         }
     }
     if style.legacy() {
@@ -205,17 +211,59 @@ pub(crate) fn apply(
 
 /// Puts `member` first in the list field `name`, joining every existing line into one list,
 /// so the field reads in the order the layers ran (outermost first).
-fn prepend_member(headers: &mut HeaderMap, name: &HeaderName, member: &[u8]) {
-    let mut value = Vec::with_capacity(member.len() + 64);
-    value.extend_from_slice(member);
-    for existing in headers.get_all(name) {
-        value.extend_from_slice(b", ");
-        value.extend_from_slice(existing.as_bytes());
+fn prepend_member(mut slot: OccupiedEntry<'_, HeaderValue>, member: &[u8]) {
+    let mut value = ValueBuf::new();
+    value.push(member);
+    for existing in slot.iter() {
+        value.push(b", ");
+        value.push(existing.as_bytes());
     }
-    // Our parts are printable ASCII (validated policy names, digits), and existing values were
-    // valid header values, so this cannot fail.
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-        headers.insert(name.clone(), v);
+    // Our parts are printable ASCII and existing values were valid header values, so this
+    // cannot fail. `insert` replaces every line of the field with the joined one.
+    if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
+        slot.insert(v);
+    }
+}
+
+/// A header value under construction: on the stack while short (the usual case), on the heap
+/// past that, so that building it costs no allocation of its own.
+struct ValueBuf {
+    stack: [u8; 192],
+    len: usize,
+    heap: Vec<u8>,
+}
+
+impl ValueBuf {
+    fn new() -> Self {
+        Self {
+            stack: [0; 192],
+            len: 0,
+            heap: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if self.heap.is_empty() && self.len + bytes.len() <= self.stack.len() {
+            self.stack[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        } else {
+            if self.heap.is_empty() {
+                self.heap.extend_from_slice(&self.stack[..self.len]);
+            }
+            self.heap.extend_from_slice(bytes);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0 && self.heap.is_empty()
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        if self.heap.is_empty() {
+            &self.stack[..self.len]
+        } else {
+            &self.heap
+        }
     }
 }
 

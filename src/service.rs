@@ -60,7 +60,7 @@ where
 {
     type Response = Response<RateLimitBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, St, K, ReqBody>;
+    type Future = ResponseFuture<S, St, K, ReqBody, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -83,6 +83,10 @@ where
             return ResponseFuture::unlimited(fut, Arc::clone(shared));
         };
         let cost = shared.cost.as_ref().map_or(1, |cost| cost(&parts));
+        if let Some(result) = shared.store.check_ready(&shared.policy, &key, cost) {
+            let req = Request::from_parts(parts, body);
+            return ResponseFuture::decided(result, inner, req, &key, cost, Arc::clone(shared));
+        }
         let check = shared.store.check(&shared.policy, &key, cost);
         ResponseFuture::checking(
             check,

@@ -392,6 +392,16 @@ impl<C: Clock> Store for MemoryStore<C> {
         ready(Ok(self.check_now(policy, key, cost)))
     }
 
+    #[inline]
+    fn check_ready(
+        &self,
+        policy: &Policy,
+        key: &Key,
+        cost: u32,
+    ) -> Option<Result<Decision, StoreError>> {
+        Some(Ok(self.check_now(policy, key, cost)))
+    }
+
     fn reset(
         &self,
         policy: &Policy,

@@ -155,6 +155,20 @@ pub trait Store: Send + Sync + 'static {
         self.check(policy, key, 0)
     }
 
+    /// Decides at once when the store can do so without waiting (an in-memory store always
+    /// can), with the same meaning as [`Store::check`]; `None` sends the layer to
+    /// [`Store::check`]. The layer tries this first, which spares a synchronous decision the
+    /// trip through a future. The default returns `None`.
+    fn check_ready(
+        &self,
+        policy: &Policy,
+        key: &Key,
+        cost: u32,
+    ) -> Option<Result<Decision, StoreError>> {
+        let _ = (policy, key, cost);
+        None
+    }
+
     /// Forgets `key`'s state under `policy`: its next request is treated as a new client's.
     fn reset(
         &self,
@@ -172,6 +186,15 @@ impl<S: Store> Store for Arc<S> {
 
     fn peek(&self, policy: &Policy, key: &Key) -> Self::Future {
         (**self).peek(policy, key)
+    }
+
+    fn check_ready(
+        &self,
+        policy: &Policy,
+        key: &Key,
+        cost: u32,
+    ) -> Option<Result<Decision, StoreError>> {
+        (**self).check_ready(policy, key, cost)
     }
 
     fn reset(
