@@ -220,6 +220,7 @@ impl FromStr for BreakerConfig {
 /// they are set on: configure before cloning.
 pub struct CircuitBreaker<S, C = MonotonicClock> {
     store: S,
+    enabled: bool,
     failures: u32,
     /// Microseconds, at least 1.
     cooldown: u64,
@@ -247,6 +248,7 @@ impl<S> CircuitBreaker<S> {
     pub fn new(store: S) -> Self {
         Self {
             store,
+            enabled: true,
             failures: DEFAULT_FAILURES,
             cooldown: micros(DEFAULT_COOLDOWN),
             shared: Arc::new(Shared::new(MonotonicClock::new())),
@@ -270,6 +272,28 @@ impl<S, C: Clock> CircuitBreaker<S, C> {
         self
     }
 
+    /// Turns the breaker off (`false`: every check goes straight to the store, nothing is
+    /// counted, the state stays closed) or on again (the default). Lets a program keep one
+    /// store type whether or not its configuration asks for a breaker.
+    ///
+    /// ```
+    /// use tollgate::{CircuitBreaker, MemoryStore};
+    ///
+    /// let breaker_spec = "off";
+    /// let store = CircuitBreaker::new(MemoryStore::new()).enabled(breaker_spec != "off");
+    /// assert!(!store.is_enabled());
+    /// ```
+    #[must_use]
+    pub fn enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    /// Whether the breaker is on.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Both settings at once, e.g. parsed from `"3/1000"`.
     #[must_use]
     pub fn config(self, config: BreakerConfig) -> Self {
@@ -288,6 +312,7 @@ impl<S, C: Clock> CircuitBreaker<S, C> {
     pub fn clock<C2: Clock>(self, clock: C2) -> CircuitBreaker<S, C2> {
         CircuitBreaker {
             store: self.store,
+            enabled: self.enabled,
             failures: self.failures,
             cooldown: self.cooldown,
             shared: Arc::new(Shared::new(clock)),
@@ -354,12 +379,7 @@ impl<S, C: Clock> CircuitBreaker<S, C> {
     fn try_probe(&self, word: u64) -> Option<u64> {
         let s = &*self.shared;
         let now = s.clock.now_micros();
-        let due = if word & PROBE != 0 {
-            now >= (word & TIME_MASK).saturating_add(self.cooldown)
-        } else {
-            now >= word
-        };
-        if !due {
+        if !self.probe_due(word, now) {
             return None;
         }
         let token = PROBE | (now & TIME_MASK);
@@ -368,6 +388,16 @@ impl<S, C: Clock> CircuitBreaker<S, C> {
             .ok()?;
         s.probes.fetch_add(1, Ordering::Relaxed);
         Some(token)
+    }
+
+    /// With the breaker in state `word` (not closed), whether a probe may go at `now`: the
+    /// cool-down is over, or the last probe is older than a cool-down (presumed lost).
+    fn probe_due(&self, word: u64, now: u64) -> bool {
+        if word & PROBE != 0 {
+            now >= (word & TIME_MASK).saturating_add(self.cooldown)
+        } else {
+            now >= word
+        }
     }
 
     fn open_error(&self) -> StoreError {
@@ -388,6 +418,39 @@ impl<C: Clock> Shared<C> {
             opened: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             probes: AtomicU64::new(0),
+        }
+    }
+
+    /// Accounts for one store call's outcome.
+    fn report(&self, ok: bool, role: Role, threshold: u32, cooldown: u64) {
+        if ok {
+            if self.consecutive.load(Ordering::Relaxed) != 0 {
+                self.consecutive.store(0, Ordering::Relaxed);
+            }
+            if let Role::Probe(token) = role
+                && self
+                    .state
+                    .compare_exchange(token, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                tracing::info!(
+                    target: "tollgate::store",
+                    "circuit breaker closed: the store answered the probe"
+                );
+            }
+            return;
+        }
+        let failures = self
+            .consecutive
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_add(1))
+            })
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
+        match role {
+            Role::Probe(token) => self.open(token, cooldown, failures),
+            Role::Normal if failures >= threshold => self.open(CLOSED, cooldown, failures),
+            Role::Normal => {}
         }
     }
 
@@ -428,6 +491,7 @@ impl<S: Clone, C> Clone for CircuitBreaker<S, C> {
     fn clone(&self) -> Self {
         Self {
             store: self.store.clone(),
+            enabled: self.enabled,
             failures: self.failures,
             cooldown: self.cooldown,
             shared: Arc::clone(&self.shared),
@@ -439,6 +503,7 @@ impl<S: fmt::Debug, C: Clock> fmt::Debug for CircuitBreaker<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
             .field("store", &self.store)
+            .field("enabled", &self.enabled)
             .field("failures", &self.failures)
             .field("cooldown", &self.cooldown_duration())
             .field("state", &self.state())
@@ -450,6 +515,14 @@ impl<S: Store, C: Clock> Store for CircuitBreaker<S, C> {
     type Future = BreakerFuture<S::Future, C>;
 
     fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+        if !self.enabled {
+            return BreakerFuture {
+                state: BState::Running {
+                    fut: self.store.check(policy, key, cost),
+                },
+                tracker: None,
+            };
+        }
         let word = self.shared.state.load(Ordering::Acquire);
         let role = if word == CLOSED {
             Role::Normal
@@ -476,6 +549,32 @@ impl<S: Store, C: Clock> Store for CircuitBreaker<S, C> {
                 done: false,
             }),
         }
+    }
+
+    /// While open, fails at once with [`StoreErrorKind::CircuitOpen`]; while closed, asks the
+    /// inner store's `check_ready` and accounts for its answer. When a probe is due it returns
+    /// `None`, so that the probe goes through [`Store::check`].
+    fn check_ready(
+        &self,
+        policy: &Policy,
+        key: &Key,
+        cost: u32,
+    ) -> Option<Result<Decision, StoreError>> {
+        if !self.enabled {
+            return self.store.check_ready(policy, key, cost);
+        }
+        let s = &*self.shared;
+        let word = s.state.load(Ordering::Acquire);
+        if word == CLOSED {
+            let result = self.store.check_ready(policy, key, cost)?;
+            s.report(result.is_ok(), Role::Normal, self.failures, self.cooldown);
+            return Some(result);
+        }
+        if self.probe_due(word, s.clock.now_micros()) {
+            return None;
+        }
+        s.rejected.fetch_add(1, Ordering::Relaxed);
+        Some(Err(self.open_error()))
     }
 
     /// Resets through to the store, whatever the breaker's state (an operator's reset is rare
@@ -509,35 +608,8 @@ struct Tracker<C> {
 impl<C: Clock> Tracker<C> {
     fn finish(&mut self, ok: bool) {
         self.done = true;
-        let s = &*self.shared;
-        if ok {
-            if s.consecutive.load(Ordering::Relaxed) != 0 {
-                s.consecutive.store(0, Ordering::Relaxed);
-            }
-            if let Role::Probe(token) = self.role
-                && s.state
-                    .compare_exchange(token, CLOSED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                tracing::info!(
-                    target: "tollgate::store",
-                    "circuit breaker closed: the store answered the probe"
-                );
-            }
-            return;
-        }
-        let failures = s
-            .consecutive
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                Some(n.saturating_add(1))
-            })
-            .unwrap_or(u32::MAX)
-            .saturating_add(1);
-        match self.role {
-            Role::Probe(token) => s.open(token, self.cooldown, failures),
-            Role::Normal if failures >= self.failures => s.open(CLOSED, self.cooldown, failures),
-            Role::Normal => {}
-        }
+        self.shared
+            .report(ok, self.role, self.failures, self.cooldown);
     }
 }
 
@@ -645,6 +717,7 @@ mod tests {
         calls: Arc<AtomicUsize>,
         fail: Arc<AtomicBool>,
         hang: Arc<AtomicBool>,
+        sync: Arc<AtomicBool>,
     }
 
     impl Flaky {
@@ -654,6 +727,7 @@ mod tests {
                 calls: Arc::default(),
                 fail: Arc::default(),
                 hang: Arc::default(),
+                sync: Arc::default(),
             }
         }
 
@@ -676,6 +750,24 @@ mod tests {
                 Ok(self.inner.check_now(policy, key, cost))
             };
             Box::pin(std::future::ready(result))
+        }
+
+        /// Only when `sync` is on: a store that can answer at once.
+        fn check_ready(
+            &self,
+            policy: &Policy,
+            key: &Key,
+            cost: u32,
+        ) -> Option<Result<Decision, StoreError>> {
+            if !self.sync.load(Ordering::SeqCst) {
+                return None;
+            }
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Some(if self.fail.load(Ordering::SeqCst) {
+                Err(StoreError::new(StoreErrorKind::Timeout, "on purpose"))
+            } else {
+                Ok(self.inner.check_now(policy, key, cost))
+            })
         }
 
         fn reset(
@@ -896,6 +988,54 @@ mod tests {
         });
         assert_eq!(pending.load(Ordering::SeqCst), 1);
         assert_eq!(f.store.calls(), 4);
+    }
+
+    /// The synchronous path (what the layer tries first): open answers at once, closed asks
+    /// the store's own `check_ready` and counts, a due probe defers to `check`.
+    #[test]
+    fn check_ready_follows_the_same_states() {
+        let f = Fixture::new();
+        let ready = || f.breaker.check_ready(&f.policy, &f.key, 1);
+        // An asynchronous store: nothing to say at once while closed.
+        assert!(ready().is_none());
+        f.store.sync.store(true, Ordering::SeqCst);
+        assert!(ready().unwrap().unwrap().is_allowed());
+        f.fail(true);
+        for _ in 0..3 {
+            assert_eq!(
+                ready().unwrap().unwrap_err().kind(),
+                StoreErrorKind::Timeout
+            );
+        }
+        assert_eq!(f.breaker.state(), BreakerState::Open);
+        for _ in 0..10 {
+            assert_eq!(
+                ready().unwrap().unwrap_err().kind(),
+                StoreErrorKind::CircuitOpen
+            );
+        }
+        assert_eq!(f.store.calls(), 4);
+        f.clock.advance(Duration::from_secs(1));
+        assert!(ready().is_none(), "a due probe goes through check()");
+        f.fail(false);
+        assert!(run(f.check()).unwrap().is_allowed());
+        assert_eq!(f.breaker.state(), BreakerState::Closed);
+        assert!(ready().unwrap().unwrap().is_allowed());
+        assert_eq!(f.store.calls(), 6);
+    }
+
+    #[test]
+    fn a_disabled_breaker_never_opens() {
+        let f = Fixture::new();
+        let off = f.breaker.clone().enabled(false);
+        f.fail(true);
+        for _ in 0..10 {
+            let e = run(off.check(&f.policy, &f.key, 1)).unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::Timeout);
+        }
+        assert_eq!(f.store.calls(), 10);
+        assert_eq!(off.state(), BreakerState::Closed);
+        assert_eq!(off.stats().consecutive_failures, 0);
     }
 
     #[test]

@@ -107,12 +107,17 @@ pub struct DenyCache<S, C = MonotonicClock> {
     shared: Arc<Shared<C>>,
 }
 
+type Map<V> = DashMap<CacheKey, V, ahash::RandomState>;
+
 struct Shared<C> {
-    map: DashMap<Box<[u8]>, Entry, ahash::RandomState>,
+    /// Single-quota policies: one slot per client.
+    map: Map<Slot>,
+    /// Policies of several quotas: one slot per quota.
+    multi: Map<Box<[Slot]>>,
     clock: C,
     max_keys: AtomicUsize,
     /// Entries inserted since the last sweep, and the count after it: an upper bound on the
-    /// map's size that takes no shard lock to read.
+    /// maps' size that takes no shard lock to read.
     inserts: AtomicUsize,
     swept_len: AtomicUsize,
     sweeping: AtomicBool,
@@ -120,14 +125,8 @@ struct Shared<C> {
     store_calls: AtomicU64,
 }
 
-/// One remembered client: for each quota of its policy, a TAT that is a lower bound of the
-/// store's, and the quota it was computed under.
-struct Entry {
-    first: Slot,
-    /// The other quotas of a multi-quota policy (an empty box allocates nothing).
-    rest: Box<[Slot]>,
-}
-
+/// One remembered quota of a client: a TAT that is a lower bound of the store's, and the quota
+/// it was computed under (24 bytes).
 struct Slot {
     tat: AtomicU64,
     interval: u64,
@@ -143,40 +142,85 @@ impl Slot {
         }
     }
 
+    #[inline]
     fn matches(&self, quota: &Quota) -> bool {
         self.interval == quota.interval_micros() && self.capacity == quota.capacity()
     }
-}
 
-impl Entry {
-    /// Remembered under exactly these quotas, in this order.
-    fn matches(&self, quotas: &[Quota]) -> bool {
-        quotas.len() == 1 + self.rest.len()
-            && std::iter::once(&self.first)
-                .chain(self.rest.iter())
-                .zip(quotas)
-                .all(|(slot, q)| slot.matches(q))
-    }
-
-    fn slots(&self) -> impl Iterator<Item = &Slot> {
-        std::iter::once(&self.first).chain(self.rest.iter())
-    }
-
-    /// The latest of its TATs: the entry changes no decision once that has passed.
-    fn latest(&self) -> u64 {
-        self.slots()
-            .map(|s| s.tat.load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(0)
+    fn tat(&self) -> u64 {
+        self.tat.load(Ordering::Acquire)
     }
 }
+
+/// Remembered under exactly these quotas, in this order.
+fn all_match(slots: &[Slot], quotas: &[Quota]) -> bool {
+    slots.len() == quotas.len() && slots.iter().zip(quotas).all(|(s, q)| s.matches(q))
+}
+
+/// The latest of an entry's TATs: it changes no decision once that has passed.
+fn latest(slots: &[Slot]) -> u64 {
+    slots.iter().map(Slot::tat).max().unwrap_or(0)
+}
+
+/// A composed key as the maps store it: inline up to 22 bytes (a short policy name and an IPv4
+/// address), so most entries need no allocation of their own and sit in the map's own memory.
+enum CacheKey {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Heap(Box<[u8]>),
+}
+
+const INLINE_KEY: usize = 22;
+
+impl CacheKey {
+    fn new(bytes: &[u8]) -> Self {
+        match u8::try_from(bytes.len()) {
+            Ok(len) if bytes.len() <= INLINE_KEY => {
+                let mut inline = [0u8; INLINE_KEY];
+                inline[..bytes.len()].copy_from_slice(bytes);
+                Self::Inline { len, bytes: inline }
+            }
+            _ => Self::Heap(bytes.into()),
+        }
+    }
+
+    #[inline]
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or(bytes),
+            Self::Heap(b) => b,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for CacheKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+/// Hashes as the `[u8]` it borrows as, which `Borrow` requires.
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for CacheKey {}
 
 /// A snapshot of a [`DenyCache`]'s counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DenyCacheStats {
-    /// Checks answered locally (denied or impossible) without calling the store.
+    /// Checks answered locally (denied or impossible) without calling the store. A statistic
+    /// kept off the atomic read-modify-write path: under heavy concurrency on one key it may
+    /// undercount slightly.
     pub local_denials: u64,
     /// Checks passed on to the inner store (peeks included).
     pub store_calls: u64,
@@ -248,12 +292,12 @@ impl<S, C: Clock> DenyCache<S, C> {
 
     /// How many (policy, key) denials are remembered.
     pub fn len(&self) -> usize {
-        self.shared.map.len()
+        self.shared.len()
     }
 
     /// Nothing is remembered.
     pub fn is_empty(&self) -> bool {
-        self.shared.map.is_empty()
+        self.shared.map.is_empty() && self.shared.multi.is_empty()
     }
 
     /// The counters since the cache was made.
@@ -269,7 +313,7 @@ impl<S, C: Clock> DenyCache<S, C> {
         DenyCacheStats {
             local_denials: s.local_denials.load(Ordering::Relaxed),
             store_calls: s.store_calls.load(Ordering::Relaxed),
-            entries: s.map.len(),
+            entries: s.len(),
         }
     }
 
@@ -283,6 +327,7 @@ impl<S, C: Clock> DenyCache<S, C> {
     /// Forgets every remembered denial (the store's state is untouched).
     pub fn clear(&self) {
         self.shared.map.clear();
+        self.shared.multi.clear();
         self.shared.swept_len.store(0, Ordering::Relaxed);
         self.shared.inserts.store(0, Ordering::Relaxed);
     }
@@ -301,7 +346,10 @@ impl<S: fmt::Debug, C> fmt::Debug for DenyCache<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DenyCache")
             .field("store", &self.store)
-            .field("entries", &self.shared.map.len())
+            .field(
+                "entries",
+                &(self.shared.map.len() + self.shared.multi.len()),
+            )
             .field("max_keys", &self.shared.max_keys.load(Ordering::Relaxed))
             .finish()
     }
@@ -311,6 +359,7 @@ impl<C: Clock> Shared<C> {
     fn new(clock: C, max_keys: usize) -> Self {
         Self {
             map: DashMap::with_hasher(ahash::RandomState::new()),
+            multi: DashMap::with_hasher(ahash::RandomState::new()),
             clock,
             max_keys: AtomicUsize::new(max_keys),
             inserts: AtomicUsize::new(0),
@@ -319,6 +368,48 @@ impl<C: Clock> Shared<C> {
             local_denials: AtomicU64::new(0),
             store_calls: AtomicU64::new(0),
         }
+    }
+
+    fn len(&self) -> usize {
+        self.map.len() + self.multi.len()
+    }
+
+    /// A statistic: a plain load and store, no locked read-modify-write on the hit path;
+    /// concurrent hits may lose an increment.
+    #[inline]
+    fn count_local(&self) {
+        let n = self.local_denials.load(Ordering::Relaxed);
+        self.local_denials
+            .store(n.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// The local answer for a charging check: `Some` when the remembered TATs deny it.
+    #[inline]
+    fn local(&self, key: &[u8], policy: &Policy, now: u64, cost: u32) -> Option<Decision> {
+        let quotas = policy.quotas();
+        let decision = if let [quota] = quotas {
+            let tat = {
+                let slot = self.map.get(key)?;
+                if !slot.matches(quota) {
+                    return None;
+                }
+                slot.tat()
+            };
+            gcra::step(tat, now, quota, cost).decision
+        } else {
+            let mut tats = [0u64; Policy::MAX_QUOTAS];
+            {
+                let slots = self.multi.get(key)?;
+                if !all_match(&slots, quotas) || slots.len() > tats.len() {
+                    return None;
+                }
+                for (t, slot) in tats.iter_mut().zip(slots.iter()) {
+                    *t = slot.tat();
+                }
+            }
+            gcra::step_all(&tats[..quotas.len()], now, quotas, cost).decision
+        };
+        (!decision.is_allowed()).then_some(decision)
     }
 
     /// Notes what the store decided for a check under `quotas` sent at `sent` (local clock).
@@ -330,40 +421,42 @@ impl<C: Clock> Shared<C> {
         }
         let tat = |d: &Decision| sent.saturating_add(micros(d.reset_after()));
         let denied = decision.outcome() == Outcome::Denied;
-        if let Some(entry) = self.map.get(key) {
-            if entry.matches(quotas) {
-                for (slot, d) in entry.slots().zip(per_quota) {
+        if let ([quota], [d]) = (quotas, per_quota) {
+            if let Some(slot) = self.map.get(key) {
+                if slot.matches(quota) {
+                    slot.tat.fetch_max(tat(d), Ordering::AcqRel);
+                    return;
+                }
+                drop(slot);
+                // Remembered under another quota of the same name: replaced or dropped.
+                self.map.remove(key);
+            }
+            if denied {
+                self.insert(&self.map, key, Slot::new(quota, tat(d)));
+            }
+            return;
+        }
+        if let Some(slots) = self.multi.get(key) {
+            if all_match(&slots, quotas) {
+                for (slot, d) in slots.iter().zip(per_quota) {
                     slot.tat.fetch_max(tat(d), Ordering::AcqRel);
                 }
                 return;
             }
-            drop(entry);
-            if !denied {
-                // Remembered under other quotas of the same name: useless now.
-                self.map.remove(key);
-                return;
-            }
+            drop(slots);
+            self.multi.remove(key);
         }
-        if !denied {
-            return;
+        if denied {
+            let slots = quotas
+                .iter()
+                .zip(per_quota)
+                .map(|(q, d)| Slot::new(q, tat(d)))
+                .collect();
+            self.insert(&self.multi, key, slots);
         }
-        let mut slots = quotas
-            .iter()
-            .zip(per_quota)
-            .map(|(q, d)| Slot::new(q, tat(d)));
-        let Some(first) = slots.next() else {
-            return;
-        };
-        self.insert(
-            key,
-            Entry {
-                first,
-                rest: slots.collect(),
-            },
-        );
     }
 
-    fn insert(&self, key: &[u8], entry: Entry) {
+    fn insert<V>(&self, map: &Map<V>, key: &[u8], value: V) {
         let max_keys = self.max_keys.load(Ordering::Relaxed);
         if max_keys == 0 {
             return;
@@ -371,12 +464,12 @@ impl<C: Clock> Shared<C> {
         let now = self.clock.now_micros();
         if self.approx_len() >= max_keys {
             self.sweep(now);
-            if self.map.len() >= max_keys {
+            if self.len() >= max_keys {
                 // Another thread is sweeping, or everything is still live: skip this one.
                 return;
             }
         }
-        self.map.insert(key.into(), entry);
+        map.insert(CacheKey::new(key), value);
         let inserted = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
         let since = self
             .swept_len
@@ -385,6 +478,11 @@ impl<C: Clock> Shared<C> {
         if inserted >= since {
             self.sweep(now);
         }
+    }
+
+    fn remove(&self, key: &[u8]) {
+        self.map.remove(key);
+        self.multi.remove(key);
     }
 
     fn approx_len(&self) -> usize {
@@ -399,20 +497,27 @@ impl<C: Clock> Shared<C> {
         if self.sweeping.swap(true, Ordering::Acquire) {
             return;
         }
-        self.map.retain(|_, e| e.latest() > now);
+        self.map.retain(|_, slot| slot.tat() > now);
+        self.multi.retain(|_, slots| latest(slots) > now);
         let max_keys = self.max_keys.load(Ordering::Relaxed);
-        let len = self.map.len();
+        let len = self.len();
         if len >= max_keys {
             let target = max_keys.saturating_sub(max_keys / 16 + 1);
             let excess = len - target.min(len);
-            let mut tats: Vec<u64> = self.map.iter().map(|e| e.value().latest()).collect();
+            let mut tats: Vec<u64> = self
+                .map
+                .iter()
+                .map(|e| e.value().tat())
+                .chain(self.multi.iter().map(|e| latest(e.value())))
+                .collect();
             if excess > 0 && excess <= tats.len() {
                 let (_, threshold, _) = tats.select_nth_unstable(excess - 1);
                 let threshold = *threshold;
-                self.map.retain(|_, e| e.latest() > threshold);
+                self.map.retain(|_, slot| slot.tat() > threshold);
+                self.multi.retain(|_, slots| latest(slots) > threshold);
             }
         }
-        self.swept_len.store(self.map.len(), Ordering::Relaxed);
+        self.swept_len.store(self.len(), Ordering::Relaxed);
         self.inserts.store(0, Ordering::Relaxed);
         self.sweeping.store(false, Ordering::Release);
     }
@@ -443,35 +548,17 @@ impl<S: Store, C: Clock> Store for DenyCache<S, C> {
         let now = shared.clock.now_micros();
         let mut buf = [0u8; MAX_COMPOSED];
         let len = compose(&mut buf, policy, key);
-        let quotas = policy.quotas();
         // A peek is never denied by the GCRA, so only charging checks can be answered here.
         if cost > 0
             && let Some(len) = len
-            && let Some(entry) = shared.map.get(&buf[..len])
-            && entry.matches(quotas)
+            && let Some(decision) = shared.local(&buf[..len], policy, now, cost)
         {
-            let decision = if entry.rest.is_empty() {
-                let tat = entry.first.tat.load(Ordering::Acquire);
-                drop(entry);
-                gcra::step(tat, now, policy.quota(), cost).decision
-            } else {
-                let mut tats = [0u64; Policy::MAX_QUOTAS];
-                let mut n = 0;
-                for (t, slot) in tats.iter_mut().zip(entry.slots()) {
-                    *t = slot.tat.load(Ordering::Acquire);
-                    n += 1;
-                }
-                drop(entry);
-                gcra::step_all(&tats[..n], now, quotas, cost).decision
+            shared.count_local();
+            return DenyCacheFuture {
+                state: State::Local {
+                    decision: Some(decision),
+                },
             };
-            if !decision.is_allowed() {
-                shared.local_denials.fetch_add(1, Ordering::Relaxed);
-                return DenyCacheFuture {
-                    state: State::Local {
-                        decision: Some(decision),
-                    },
-                };
-            }
         }
         shared.store_calls.fetch_add(1, Ordering::Relaxed);
         let fut = self.store.check(policy, key, cost);
@@ -487,6 +574,34 @@ impl<S: Store, C: Clock> Store for DenyCache<S, C> {
         }
     }
 
+    /// A local denial at once; otherwise the inner store's own `check_ready` (whose decision is
+    /// noted as [`Store::check`]'s would be), or `None` when it has none.
+    #[inline]
+    fn check_ready(
+        &self,
+        policy: &Policy,
+        key: &Key,
+        cost: u32,
+    ) -> Option<Result<Decision, StoreError>> {
+        let shared = &*self.shared;
+        let now = shared.clock.now_micros();
+        let mut buf = [0u8; MAX_COMPOSED];
+        let len = compose(&mut buf, policy, key);
+        if cost > 0
+            && let Some(len) = len
+            && let Some(decision) = shared.local(&buf[..len], policy, now, cost)
+        {
+            shared.count_local();
+            return Some(Ok(decision));
+        }
+        let result = self.store.check_ready(policy, key, cost)?;
+        shared.store_calls.fetch_add(1, Ordering::Relaxed);
+        if let (Ok(decision), Some(len)) = (&result, len) {
+            shared.record(&buf[..len], policy.quotas(), now, decision);
+        }
+        Some(result)
+    }
+
     fn reset(
         &self,
         policy: &Policy,
@@ -495,7 +610,7 @@ impl<S: Store, C: Clock> Store for DenyCache<S, C> {
         let mut buf = [0u8; MAX_COMPOSED];
         let len = compose(&mut buf, policy, key);
         if let Some(len) = len {
-            self.shared.map.remove(&buf[..len]);
+            self.shared.remove(&buf[..len]);
         }
         let shared = Arc::clone(&self.shared);
         let inner = self.store.reset(policy, key);
@@ -503,7 +618,7 @@ impl<S: Store, C: Clock> Store for DenyCache<S, C> {
             let result = inner.await;
             // A denial noted while the reset was on its way is older than the reset.
             if let Some(len) = len {
-                shared.map.remove(&buf[..len]);
+                shared.remove(&buf[..len]);
             }
             result
         }
@@ -565,14 +680,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         match state.as_mut().project() {
-            StateProj::Local { decision } => {
-                let decision = decision.take();
-                state.set(State::Done);
-                match decision {
-                    Some(d) => Poll::Ready(Ok(d)),
-                    None => Poll::Pending,
-                }
-            }
+            // Taken once; polled again after completion, it stays pending (never panics).
+            StateProj::Local { decision } => match decision.take() {
+                Some(d) => Poll::Ready(Ok(d)),
+                None => Poll::Pending,
+            },
             StateProj::Store { fut, note } => {
                 let result = ready!(fut.poll(cx));
                 if let (Ok(decision), Some(note)) = (&result, note.take()) {
@@ -843,6 +955,46 @@ mod tests {
             clock.advance(Duration::from_millis(10));
         }
         assert!(store.calls() <= 12, "store calls {}", store.calls());
+    }
+
+    /// Over a synchronous store (MemoryStore), through `check_ready` as the layer calls it:
+    /// identical decisions, denials answered locally.
+    #[test]
+    fn check_ready_over_a_synchronous_store() {
+        let clock = ManualClock::new();
+        let inner = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+        let reference = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+        let cache = DenyCache::new(inner).clock(clock.clone());
+        let p = policy("10/s;capacity=5");
+        let (a, b) = (Key::from("a"), Key::from("b"));
+        for i in 0..1_000u32 {
+            let cost = 1 + i % 3;
+            let got = cache.check_ready(&p, &a, cost).unwrap().unwrap();
+            assert_eq!(got, reference.check_now(&p, &b, cost), "request {i}");
+            clock.advance(Duration::from_millis(1));
+        }
+        let stats = cache.stats();
+        assert_eq!(stats.local_denials + stats.store_calls, 1_000);
+        assert!(stats.store_calls < 100, "{stats:?}");
+        // Peeks go to the store, and say the same.
+        let peek = cache.check_ready(&p, &a, 0).unwrap().unwrap();
+        assert_eq!(peek, reference.check_now(&p, &b, 0));
+        assert_eq!(cache.stats().store_calls, stats.store_calls + 1);
+    }
+
+    /// An asynchronous inner store: `check_ready` answers local denials only.
+    #[test]
+    fn check_ready_over_an_asynchronous_store_answers_only_local_denials() {
+        let (cache, store, _) = setup();
+        let p = policy("1/h");
+        let k = Key::from("k");
+        assert!(cache.check_ready(&p, &k, 1).is_none());
+        now(cache.check(&p, &k, 1)).unwrap();
+        now(cache.check(&p, &k, 1)).unwrap();
+        let local = cache.check_ready(&p, &k, 1).unwrap().unwrap();
+        assert_eq!(local.outcome(), Outcome::Denied);
+        assert!(cache.check_ready(&p, &k, 0).is_none());
+        assert_eq!(store.calls(), 2);
     }
 
     proptest! {
