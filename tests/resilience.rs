@@ -131,13 +131,28 @@ mod redis_backed {
     async fn flood_through_the_cache_decides_like_redis_with_one_call_per_interval() {
         let server = RedisServer::start();
         let store = redis_store(&server, Duration::from_secs(2)).await;
-        for (quota, most_calls) in [
+        let multi = Policy::multi(
+            "flood",
+            ["2/s".parse::<Quota>().unwrap(), "5/h".parse().unwrap()],
+        )
+        .unwrap();
+        for (quota, p, most_calls) in [
             // T = 100 ms: 5 at once + first denial + 10 intervals in 1 s.
-            ("10/s;capacity=5", 5 + 1 + 10),
+            (
+                "10/s;capacity=5",
+                policy("flood", "10/s;capacity=5"),
+                5 + 1 + 10,
+            ),
             // T = 1 s, capacity 1: one admission, one denial, one more after 1 s.
-            ("1/s", 3),
-            // Cost 1 against a 2-quota policy is covered by the unit tests; here a long window.
-            ("100/h;capacity=3", 3 + 1),
+            ("1/s", policy("flood", "1/s"), 3),
+            (
+                "100/h;capacity=3",
+                policy("flood", "100/h;capacity=3"),
+                3 + 1,
+            ),
+            // Two quotas in one atomic decision (the multi-quota script): 2 at once, a denial,
+            // one more at 500 ms, a denial.
+            ("2/s and 5/h", multi.clone(), 2 + 1 + 1 + 1),
         ] {
             let clock = ManualClock::new();
             let at = |calls| AtClock {
@@ -148,7 +163,6 @@ mod redis_backed {
             let via_cache = at(Arc::default());
             let direct = at(Arc::default());
             let cache = DenyCache::new(via_cache.clone()).clock(clock.clone());
-            let p = policy("flood", quota);
             let (a, b) = (
                 Key::from(format!("cached-{quota}")),
                 Key::from(format!("direct-{quota}")),

@@ -45,7 +45,10 @@
 //! Entries whose deny time has passed change no decision and are swept automatically as new
 //! denials arrive (amortised, no background task); past `max_keys`, the entries closest to
 //! expiry are evicted first. A hit takes one shard read lock of a `DashMap` and allocates
-//! nothing.
+//! nothing (short keys are stored inline); the layer gets it from [`Store::check_ready`], with
+//! no future at all, at about the cost of a `MemoryStore` denial (`benches/resilience.rs`).
+//! Multi-quota policies ([`Policy::multi`]) are remembered with one TAT per quota and decided
+//! locally by the same all-or-nothing step as the stores.
 //!
 //! ## Example
 //!
