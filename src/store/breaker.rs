@@ -14,6 +14,10 @@
 //!   for another cool-down. So while the store stays down, at most one request per cool-down
 //!   waits for it.
 //!
+//! The breaker does not time calls out itself: the inner store's own timeout (RedisStore's
+//! command timeout) bounds the calls that do go through, so with a breaker no request waits
+//! longer than that timeout, and once it is open at most one request per cool-down does.
+//!
 //! The state is one `AtomicU64` (no lock anywhere); [`CircuitBreaker::state`] and
 //! [`CircuitBreaker::stats`] expose it for health checks. A probe whose future is dropped
 //! before it completes (the client went away) hands the probe to the next request. Transitions
