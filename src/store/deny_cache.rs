@@ -1000,6 +1000,43 @@ mod tests {
         assert_eq!(store.calls(), 2);
     }
 
+    /// Four threads on two app servers' caches over one shared store, time frozen: exactly the
+    /// capacity is admitted, whatever the interleaving of denials being noted and read.
+    #[test]
+    fn concurrent_floods_admit_exactly_the_capacity() {
+        let clock = ManualClock::new();
+        let shared = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+        let caches = [
+            DenyCache::new(shared.clone()).clock(clock.clone()),
+            DenyCache::new(shared.clone()).clock(clock.clone()),
+        ];
+        let p = Policy::new("p", "7/h".parse::<Quota>().unwrap()).unwrap();
+        let k = Key::from("k");
+        let admitted = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (cache, p, k, admitted) = (&caches[t % 2], &p, &k, &admitted);
+                s.spawn(move || {
+                    for i in 0..2_000u32 {
+                        let cost = if i % 2 == 0 { 1 + i % 3 } else { 1 };
+                        let d = if i % 2 == 0 {
+                            cache.check_ready(p, k, cost).unwrap().unwrap()
+                        } else {
+                            now(cache.check(p, k, cost)).unwrap()
+                        };
+                        if d.is_allowed() {
+                            admitted.fetch_add(cost as usize, Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        let used = 7 - shared.check_now(&p, &k, 0).remaining() as usize;
+        assert_eq!(admitted.load(Ordering::SeqCst), used);
+        assert!(used <= 7);
+        assert!(caches.iter().all(|c| c.stats().local_denials > 1_000));
+    }
+
     proptest! {
         /// Two app servers, each with its own cache, in front of one shared store: every
         /// outcome is the one the store alone would give at that instant; a local denial's wait
