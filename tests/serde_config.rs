@@ -26,7 +26,10 @@ fn quotas_deserialize_from_strings_and_tables() {
     assert_eq!(limits.login.period(), Duration::from_secs(30));
     assert_eq!(limits.login.capacity(), 2);
     // And back: Display/Serialize round-trips.
-    assert_eq!(serde_json::to_string(&limits.login).unwrap(), "\"5/30s;capacity=2\"");
+    assert_eq!(
+        serde_json::to_string(&limits.login).unwrap(),
+        "\"5/30s;capacity=2\""
+    );
 }
 
 #[test]
@@ -34,8 +37,14 @@ fn invalid_quotas_fail_with_the_reason() {
     for (input, needle) in [
         (r#"global = "0/m""#, "at least 1"),
         (r#"global = "ten per second""#, "is not a quota"),
-        (r#"global = { rate = "5/s", capacity = 0 }"#, "capacity must be at least 1"),
-        (r#"global = { rate = "5/s", burst = 3, extra = 1 }"#, "unknown field"),
+        (
+            r#"global = { rate = "5/s", capacity = 0 }"#,
+            "capacity must be at least 1",
+        ),
+        (
+            r#"global = { rate = "5/s", burst = 3, extra = 1 }"#,
+            "unknown field",
+        ),
         (r#"global = { capacity = 3 }"#, "missing field"),
     ] {
         let err = toml::from_str::<toml::Table>(input)
