@@ -76,7 +76,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -89,6 +89,7 @@ use crate::error::StoreError;
 use crate::gcra;
 use crate::key::Key;
 use crate::quota::Quota;
+use crate::store::keyspace::{self, Bound, MAX_COMPOSED, StoredKey, eviction_threshold};
 use crate::store::{Policy, Store};
 
 /// The default bound on remembered denials.
@@ -96,10 +97,6 @@ pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
 /// Fewest new entries between two automatic sweeps.
 const MIN_SWEEP_INTERVAL: usize = 1_024;
-
-/// The longest composed key: name length byte, policy name, key (a hashed key is one byte
-/// longer than [`Key::MAX_LEN`]).
-const MAX_COMPOSED: usize = 1 + Policy::MAX_NAME_LEN + Key::MAX_LEN + 1;
 
 /// A [`Store`] wrapper that answers over-limit clients locally; see the [module docs](self).
 ///
@@ -110,7 +107,7 @@ pub struct DenyCache<S, C = MonotonicClock> {
     shared: Arc<Shared<C>>,
 }
 
-type Map<V> = DashMap<CacheKey, V, ahash::RandomState>;
+type Map<V> = DashMap<StoredKey, V, ahash::RandomState>;
 
 struct Shared<C> {
     /// Single-quota policies: one slot per client.
@@ -119,11 +116,7 @@ struct Shared<C> {
     multi: Map<Box<[Slot]>>,
     clock: C,
     max_keys: AtomicUsize,
-    /// Entries inserted since the last sweep, and the count after it: an upper bound on the
-    /// maps' size that takes no shard lock to read.
-    inserts: AtomicUsize,
-    swept_len: AtomicUsize,
-    sweeping: AtomicBool,
+    bound: Bound,
     local_denials: AtomicU64,
     store_calls: AtomicU64,
 }
@@ -164,57 +157,6 @@ fn all_match(slots: &[Slot], quotas: &[Quota]) -> bool {
 fn latest(slots: &[Slot]) -> u64 {
     slots.iter().map(Slot::tat).max().unwrap_or(0)
 }
-
-/// A composed key as the maps store it: inline up to 22 bytes (a short policy name and an IPv4
-/// address), so most entries need no allocation of their own and sit in the map's own memory.
-enum CacheKey {
-    Inline { len: u8, bytes: [u8; INLINE_KEY] },
-    Heap(Box<[u8]>),
-}
-
-const INLINE_KEY: usize = 22;
-
-impl CacheKey {
-    fn new(bytes: &[u8]) -> Self {
-        match u8::try_from(bytes.len()) {
-            Ok(len) if bytes.len() <= INLINE_KEY => {
-                let mut inline = [0u8; INLINE_KEY];
-                inline[..bytes.len()].copy_from_slice(bytes);
-                Self::Inline { len, bytes: inline }
-            }
-            _ => Self::Heap(bytes.into()),
-        }
-    }
-
-    #[inline]
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            Self::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or(bytes),
-            Self::Heap(b) => b,
-        }
-    }
-}
-
-impl std::borrow::Borrow<[u8]> for CacheKey {
-    fn borrow(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-/// Hashes as the `[u8]` it borrows as, which `Borrow` requires.
-impl std::hash::Hash for CacheKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state);
-    }
-}
-
-impl PartialEq for CacheKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for CacheKey {}
 
 /// A snapshot of a [`DenyCache`]'s counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -331,8 +273,7 @@ impl<S, C: Clock> DenyCache<S, C> {
     pub fn clear(&self) {
         self.shared.map.clear();
         self.shared.multi.clear();
-        self.shared.swept_len.store(0, Ordering::Relaxed);
-        self.shared.inserts.store(0, Ordering::Relaxed);
+        self.shared.bound.reset();
     }
 }
 
@@ -365,9 +306,7 @@ impl<C: Clock> Shared<C> {
             multi: DashMap::with_hasher(ahash::RandomState::new()),
             clock,
             max_keys: AtomicUsize::new(max_keys),
-            inserts: AtomicUsize::new(0),
-            swept_len: AtomicUsize::new(0),
-            sweeping: AtomicBool::new(false),
+            bound: Bound::new(MIN_SWEEP_INTERVAL),
             local_denials: AtomicU64::new(0),
             store_calls: AtomicU64::new(0),
         }
@@ -465,20 +404,15 @@ impl<C: Clock> Shared<C> {
             return;
         }
         let now = self.clock.now_micros();
-        if self.approx_len() >= max_keys {
+        if self.bound.approx_len() >= max_keys {
             self.sweep(now);
             if self.len() >= max_keys {
                 // Another thread is sweeping, or everything is still live: skip this one.
                 return;
             }
         }
-        map.insert(CacheKey::new(key), value);
-        let inserted = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
-        let since = self
-            .swept_len
-            .load(Ordering::Relaxed)
-            .max(MIN_SWEEP_INTERVAL);
-        if inserted >= since {
+        map.insert(StoredKey::new(key), value);
+        if self.bound.note_insert() {
             self.sweep(now);
         }
     }
@@ -488,58 +422,32 @@ impl<C: Clock> Shared<C> {
         self.multi.remove(key);
     }
 
-    fn approx_len(&self) -> usize {
-        self.swept_len
-            .load(Ordering::Relaxed)
-            .saturating_add(self.inserts.load(Ordering::Relaxed))
-    }
-
     /// Drops entries whose deny time has passed; if still full, evicts the entries closest to
-    /// expiry until 1/16 below `max_keys`. One sweeper at a time; others carry on meanwhile.
+    /// expiry until 1/16 below `max_keys`.
     fn sweep(&self, now: u64) {
-        if self.sweeping.swap(true, Ordering::Acquire) {
-            return;
-        }
-        self.map.retain(|_, slot| slot.tat() > now);
-        self.multi.retain(|_, slots| latest(slots) > now);
-        let max_keys = self.max_keys.load(Ordering::Relaxed);
-        let len = self.len();
-        if len >= max_keys {
-            let target = max_keys.saturating_sub(max_keys / 16 + 1);
-            let excess = len - target.min(len);
-            let mut tats: Vec<u64> = self
+        self.bound.sweep(|| {
+            self.map.retain(|_, slot| slot.tat() > now);
+            self.multi.retain(|_, slots| latest(slots) > now);
+            let max_keys = self.max_keys.load(Ordering::Relaxed);
+            let stamps = self
                 .map
                 .iter()
                 .map(|e| e.value().tat())
-                .chain(self.multi.iter().map(|e| latest(e.value())))
-                .collect();
-            if excess > 0 && excess <= tats.len() {
-                let (_, threshold, _) = tats.select_nth_unstable(excess - 1);
-                let threshold = *threshold;
+                .chain(self.multi.iter().map(|e| latest(e.value())));
+            if let Some(threshold) = eviction_threshold(self.len(), max_keys, stamps) {
                 self.map.retain(|_, slot| slot.tat() > threshold);
                 self.multi.retain(|_, slots| latest(slots) > threshold);
             }
-        }
-        self.swept_len.store(self.len(), Ordering::Relaxed);
-        self.inserts.store(0, Ordering::Relaxed);
-        self.sweeping.store(false, Ordering::Release);
+            self.len()
+        });
     }
 }
 
-/// `[name length][name][key]` into `buf`: injective because the name's length comes first.
-/// `None` (never for keys built by [`Key`]) when it does not fit.
+/// The composed key's length in `buf` (see [`keyspace::compose`]); always `Some` for keys
+/// built by [`Key`].
 #[inline]
 fn compose(buf: &mut [u8; MAX_COMPOSED], policy: &Policy, key: &Key) -> Option<usize> {
-    let name = policy.name().as_bytes();
-    let key = key.as_bytes();
-    let len = 1 + name.len() + key.len();
-    if len > MAX_COMPOSED || name.len() > usize::from(u8::MAX) {
-        return None;
-    }
-    buf[0] = name.len() as u8;
-    buf[1..1 + name.len()].copy_from_slice(name);
-    buf[1 + name.len()..len].copy_from_slice(key);
-    Some(len)
+    Some(keyspace::compose(buf, policy, key).len())
 }
 
 impl<S: Store, C: Clock> Store for DenyCache<S, C> {
@@ -715,7 +623,7 @@ mod tests {
     use crate::{ManualClock, MemoryStore, StoreErrorKind};
     use proptest::prelude::*;
     use std::future::{Ready, ready};
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::task::Waker;
 
     /// Polls a future that must be ready at once (every store here is synchronous).

@@ -12,7 +12,7 @@
 
 use std::future::{Ready, ready};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
@@ -21,6 +21,7 @@ use crate::decision::Decision;
 use crate::error::{ConfigError, StoreError};
 use crate::gcra;
 use crate::key::Key;
+use crate::store::keyspace::{Bound, MAX_COMPOSED, StoredKey, compose, eviction_threshold};
 use crate::store::{Policy, Store};
 
 /// The default bound on stored keys.
@@ -28,9 +29,6 @@ pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 
 /// Fewest new keys between two automatic sweeps.
 const MIN_SWEEP_INTERVAL: usize = 4_096;
-
-/// The longest composed key: name length byte, policy name, key.
-const MAX_COMPOSED: usize = 1 + Policy::MAX_NAME_LEN + Key::MAX_LEN + 1;
 
 /// An in-process store: exact, lock-free on the hot path, bounded in memory.
 ///
@@ -61,11 +59,7 @@ struct Inner<C> {
     multi: DashMap<StoredKey, Box<[u64]>, ahash::RandomState>,
     clock: C,
     max_keys: usize,
-    /// Keys inserted since the last sweep, and the count the map had after it: together an
-    /// upper bound on the map's size that costs no shard locks to read.
-    inserts: AtomicUsize,
-    swept_len: AtomicUsize,
-    sweeping: AtomicBool,
+    bound: Bound,
 }
 
 impl<C> std::fmt::Debug for MemoryStore<C>
@@ -145,9 +139,7 @@ impl<C: Clock> MemoryStore<C> {
                 multi: DashMap::with_hasher(ahash::RandomState::new()),
                 clock,
                 max_keys,
-                inserts: AtomicUsize::new(0),
-                swept_len: AtomicUsize::new(0),
-                sweeping: AtomicBool::new(false),
+                bound: Bound::new(MIN_SWEEP_INTERVAL),
             }),
         }
     }
@@ -245,73 +237,6 @@ impl<C: Clock> MemoryStore<C> {
     }
 }
 
-/// A composed key as the map stores it: inline up to 22 bytes (a policy name plus an IPv4
-/// address fits), so most entries need no allocation of their own; 24 bytes either way.
-enum StoredKey {
-    Inline { len: u8, bytes: [u8; STORED_INLINE] },
-    Heap(Box<[u8]>),
-}
-
-const STORED_INLINE: usize = 22;
-
-impl StoredKey {
-    fn new(bytes: &[u8]) -> Self {
-        if bytes.len() <= STORED_INLINE {
-            let mut inline = [0u8; STORED_INLINE];
-            inline[..bytes.len()].copy_from_slice(bytes);
-            // At most STORED_INLINE.
-            Self::Inline {
-                len: bytes.len() as u8,
-                bytes: inline,
-            }
-        } else {
-            Self::Heap(bytes.into())
-        }
-    }
-
-    #[inline]
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Self::Heap(b) => b,
-        }
-    }
-}
-
-impl std::borrow::Borrow<[u8]> for StoredKey {
-    fn borrow(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-/// Hashes exactly as `[u8]` does, as `Borrow` requires.
-impl std::hash::Hash for StoredKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state);
-    }
-}
-
-impl PartialEq for StoredKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for StoredKey {}
-
-/// `[name length][name][key]`: injective because the name's length comes first.
-#[inline]
-fn compose<'a>(buf: &'a mut [u8; MAX_COMPOSED], policy: &Policy, key: &Key) -> &'a [u8] {
-    let name = policy.name().as_bytes();
-    let key = key.as_bytes();
-    // Both lengths are bounded by construction (Policy::new, Key::new).
-    let len = 1 + name.len() + key.len();
-    buf[0] = name.len() as u8;
-    buf[1..1 + name.len()].copy_from_slice(name);
-    buf[1 + name.len()..len].copy_from_slice(key);
-    &buf[..len]
-}
-
 /// The compare-and-swap loop on one key's TAT.
 #[inline]
 fn charge(tat: &AtomicU64, now: u64, quota: &crate::Quota, cost: u32) -> Decision {
@@ -329,58 +254,38 @@ fn charge(tat: &AtomicU64, now: u64, quota: &crate::Quota, cost: u32) -> Decisio
 }
 
 impl<C> Inner<C> {
-    fn approx_len(&self) -> usize {
-        self.swept_len.load(Ordering::Relaxed) + self.inserts.load(Ordering::Relaxed)
-    }
-
     fn make_room(&self, now: u64) {
-        if self.approx_len() >= self.max_keys {
+        if self.bound.approx_len() >= self.max_keys {
             self.sweep(now);
         }
     }
 
     fn after_insert(&self, now: u64) {
-        let inserted = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
-        let since = self
-            .swept_len
-            .load(Ordering::Relaxed)
-            .max(MIN_SWEEP_INTERVAL);
-        if inserted >= since {
+        if self.bound.note_insert() {
             self.sweep(now);
         }
     }
 
     /// Drops fresh states; if the map is still full, evicts the entries closest to fresh until
-    /// it is 1/16 below `max_keys`. One sweeper at a time; others carry on meanwhile.
+    /// it is 1/16 below `max_keys`.
     fn sweep(&self, now: u64) {
-        if self.sweeping.swap(true, Ordering::Acquire) {
-            return;
-        }
         let latest = |tats: &[u64]| tats.iter().copied().max().unwrap_or(0);
-        self.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
-        self.multi.retain(|_, tats| latest(tats) > now);
-        let len = self.map.len() + self.multi.len();
-        if len >= self.max_keys {
-            let target = self.max_keys - self.max_keys / 16 - 1;
-            let excess = len - target.min(len);
-            let mut tats: Vec<u64> = self
+        self.bound.sweep(|| {
+            self.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
+            self.multi.retain(|_, tats| latest(tats) > now);
+            let len = self.map.len() + self.multi.len();
+            let stamps = self
                 .map
                 .iter()
                 .map(|e| e.value().load(Ordering::Relaxed))
-                .chain(self.multi.iter().map(|e| latest(e.value())))
-                .collect();
-            if excess > 0 && excess <= tats.len() {
-                let (_, threshold, _) = tats.select_nth_unstable(excess - 1);
-                let threshold = *threshold;
+                .chain(self.multi.iter().map(|e| latest(e.value())));
+            if let Some(threshold) = eviction_threshold(len, self.max_keys, stamps) {
                 self.map
                     .retain(|_, tat| tat.load(Ordering::Relaxed) > threshold);
                 self.multi.retain(|_, tats| latest(tats) > threshold);
             }
-        }
-        self.swept_len
-            .store(self.map.len() + self.multi.len(), Ordering::Relaxed);
-        self.inserts.store(0, Ordering::Relaxed);
-        self.sweeping.store(false, Ordering::Release);
+            self.map.len() + self.multi.len()
+        });
     }
 }
 

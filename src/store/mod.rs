@@ -7,6 +7,7 @@
 
 pub mod breaker;
 pub mod deny_cache;
+mod keyspace;
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
