@@ -26,28 +26,23 @@ impl Target for Memory {
     }
 }
 
-#[tokio::test]
-async fn memory_store_reproduces_vectors_v1_to_v4() {
+fn memory() -> Memory {
     let clock = ManualClock::new();
     let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
-    let mut target = Memory {
+    Memory {
         store,
         clock,
         base_ms: 0,
         last_key: None,
-    };
-    run_all(&mut target, "mem").await;
+    }
+}
+
+#[tokio::test]
+async fn memory_store_reproduces_vectors_v1_to_v4() {
+    run_all(&mut memory(), "mem").await;
 }
 
 #[tokio::test]
 async fn memory_store_reproduces_the_multi_quota_vector() {
-    let clock = ManualClock::new();
-    let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
-    let mut target = Memory {
-        store,
-        clock,
-        base_ms: 0,
-        last_key: None,
-    };
-    run_multi(&mut target, "mem").await;
+    run_multi(&mut memory(), "mem").await;
 }
