@@ -11,8 +11,8 @@
 //! per insert), so no cleanup task is needed.
 
 use std::future::{Ready, ready};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 
@@ -53,13 +53,42 @@ pub struct MemoryStore<C: Clock = MonotonicClock> {
 }
 
 struct Inner<C> {
+    /// The first policies seen each get maps of their own, keyed by the bare client key: a
+    /// decision then copies nothing. Found by name with a few pointer compares, no hashing.
+    slots: [OnceLock<PolicySlot>; POLICY_SLOTS],
+    /// Policies beyond the slots share these, keyed by `[name length][name][key]`.
+    overflow: Maps,
+    clock: C,
+    max_keys: usize,
+    bound: Bound,
+}
+
+/// How many policies get maps of their own; more are served by the shared overflow maps.
+const POLICY_SLOTS: usize = 32;
+
+struct PolicySlot {
+    name: Arc<str>,
+    maps: Maps,
+}
+
+struct Maps {
     map: DashMap<StoredKey, AtomicU64, ahash::RandomState>,
     /// Policies of several quotas: one TAT per quota, updated together under the shard's
     /// write lock so that the decision over all of them is atomic.
     multi: DashMap<StoredKey, Box<[u64]>, ahash::RandomState>,
-    clock: C,
-    max_keys: usize,
-    bound: Bound,
+}
+
+impl Maps {
+    fn new() -> Self {
+        Self {
+            map: DashMap::with_hasher(ahash::RandomState::new()),
+            multi: DashMap::with_hasher(ahash::RandomState::new()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.map.len() + self.multi.len()
+    }
 }
 
 impl<C> std::fmt::Debug for MemoryStore<C>
@@ -68,7 +97,7 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("keys", &self.inner.map.len())
+            .field("keys", &self.len())
             .field("max_keys", &self.inner.max_keys)
             .finish()
     }
@@ -135,8 +164,8 @@ impl<C: Clock> MemoryStore<C> {
     fn build(clock: C, max_keys: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
-                map: DashMap::with_hasher(ahash::RandomState::new()),
-                multi: DashMap::with_hasher(ahash::RandomState::new()),
+                slots: std::array::from_fn(|_| OnceLock::new()),
+                overflow: Maps::new(),
                 clock,
                 max_keys,
                 bound: Bound::new(MIN_SWEEP_INTERVAL),
@@ -149,71 +178,19 @@ impl<C: Clock> MemoryStore<C> {
     pub fn check_now(&self, policy: &Policy, key: &Key, cost: u32) -> Decision {
         let inner = &*self.inner;
         let now = inner.clock.now_micros();
-        let mut buf = [0u8; MAX_COMPOSED];
-        let composed = compose(&mut buf, policy, key);
-        if policy.quotas().len() > 1 {
-            return self.check_multi(composed, now, policy, cost);
-        }
-        let quota = policy.quota();
-        if let Some(tat) = inner.map.get(composed) {
-            return charge(&tat, now, quota, cost);
-        }
-        // A new key: decide against empty state first, so that denials and peeks insert nothing.
-        let fresh = gcra::step(0, now, quota, cost);
-        if fresh.write.is_none() {
-            return fresh.decision;
-        }
-        inner.make_room(now);
-        let decision = {
-            let tat = inner
-                .map
-                .entry(StoredKey::new(composed))
-                .or_insert_with(|| AtomicU64::new(0));
-            charge(&tat, now, quota, cost)
-        };
-        inner.after_insert(now);
-        decision
-    }
-
-    /// One atomic decision over every quota of a multi-quota policy.
-    fn check_multi(&self, composed: &[u8], now: u64, policy: &Policy, cost: u32) -> Decision {
-        let inner = &*self.inner;
-        let quotas = policy.quotas();
-        let decide = |tats: &mut [u64]| {
-            // A policy's quota count is fixed; an entry of another length cannot exist, but
-            // would be treated as fresh rather than trusted.
-            if tats.len() != quotas.len() {
-                tats.iter_mut().for_each(|t| *t = 0);
+        match inner.slot(policy) {
+            Some(maps) => inner.decide(maps, key.as_bytes(), now, policy, cost),
+            None => {
+                let mut buf = [0u8; MAX_COMPOSED];
+                let composed = compose(&mut buf, policy, key);
+                inner.decide(&inner.overflow, composed, now, policy, cost)
             }
-            let step = gcra::step_all(tats, now, quotas, cost);
-            if let Some(writes) = &step.writes {
-                tats.copy_from_slice(writes);
-            }
-            step.decision
-        };
-        if let Some(mut tats) = inner.multi.get_mut(composed) {
-            return decide(&mut tats);
         }
-        let fresh = vec![0u64; quotas.len()];
-        let step = gcra::step_all(&fresh, now, quotas, cost);
-        if step.writes.is_none() {
-            return step.decision;
-        }
-        inner.make_room(now);
-        let decision = {
-            let mut tats = inner
-                .multi
-                .entry(StoredKey::new(composed))
-                .or_insert_with(|| fresh.into_boxed_slice());
-            decide(&mut tats)
-        };
-        inner.after_insert(now);
-        decision
     }
 
     /// How many keys are stored (entries for every policy).
     pub fn len(&self) -> usize {
-        self.inner.map.len() + self.inner.multi.len()
+        self.inner.all_maps().map(Maps::len).sum()
     }
 
     /// No keys are stored.
@@ -223,10 +200,14 @@ impl<C: Clock> MemoryStore<C> {
 
     /// Forgets one key's state under `policy`.
     pub fn remove(&self, policy: &Policy, key: &Key) {
+        let inner = &*self.inner;
         let mut buf = [0u8; MAX_COMPOSED];
-        let composed = compose(&mut buf, policy, key);
-        self.inner.map.remove(composed);
-        self.inner.multi.remove(composed);
+        let (maps, stored) = match inner.slot(policy) {
+            Some(maps) => (maps, key.as_bytes()),
+            None => (&inner.overflow, compose(&mut buf, policy, key)),
+        };
+        maps.map.remove(stored);
+        maps.multi.remove(stored);
     }
 
     /// Removes every state that is already fresh (its TAT has passed). This runs automatically;
@@ -254,6 +235,102 @@ fn charge(tat: &AtomicU64, now: u64, quota: &crate::Quota, cost: u32) -> Decisio
 }
 
 impl<C> Inner<C> {
+    /// The maps of `policy`'s own slot (claiming a free one for a new policy), or `None` when
+    /// every slot belongs to another policy.
+    #[inline]
+    fn slot(&self, policy: &Policy) -> Option<&Maps> {
+        let name = policy.name_arc();
+        for slot in &self.slots {
+            let taken = match slot.get() {
+                Some(taken) => taken,
+                None => slot.get_or_init(|| PolicySlot {
+                    name: Arc::clone(name),
+                    maps: Maps::new(),
+                }),
+            };
+            if Arc::ptr_eq(&taken.name, name) || *taken.name == **name {
+                return Some(&taken.maps);
+            }
+        }
+        None
+    }
+
+    fn all_maps(&self) -> impl Iterator<Item = &Maps> {
+        self.slots
+            .iter()
+            .filter_map(|slot| slot.get().map(|s| &s.maps))
+            .chain(std::iter::once(&self.overflow))
+    }
+
+    /// One decision against `maps`, where the client's entry is spelled `stored`.
+    #[inline]
+    fn decide(&self, maps: &Maps, stored: &[u8], now: u64, policy: &Policy, cost: u32) -> Decision {
+        if policy.quotas().len() > 1 {
+            return self.decide_multi(maps, stored, now, policy, cost);
+        }
+        let quota = policy.quota();
+        if let Some(tat) = maps.map.get(stored) {
+            return charge(&tat, now, quota, cost);
+        }
+        // A new key: decide against empty state first, so that denials and peeks insert nothing.
+        let fresh = gcra::step(0, now, quota, cost);
+        if fresh.write.is_none() {
+            return fresh.decision;
+        }
+        self.make_room(now);
+        let decision = {
+            let tat = maps
+                .map
+                .entry(StoredKey::new(stored))
+                .or_insert_with(|| AtomicU64::new(0));
+            charge(&tat, now, quota, cost)
+        };
+        self.after_insert(now);
+        decision
+    }
+
+    /// One atomic decision over every quota of a multi-quota policy.
+    fn decide_multi(
+        &self,
+        maps: &Maps,
+        stored: &[u8],
+        now: u64,
+        policy: &Policy,
+        cost: u32,
+    ) -> Decision {
+        let quotas = policy.quotas();
+        let decide = |tats: &mut [u64]| {
+            // A policy's quota count is fixed; an entry of another length cannot exist, but
+            // would be treated as fresh rather than trusted.
+            if tats.len() != quotas.len() {
+                tats.iter_mut().for_each(|t| *t = 0);
+            }
+            let step = gcra::step_all(tats, now, quotas, cost);
+            if let Some(writes) = &step.writes {
+                tats.copy_from_slice(writes);
+            }
+            step.decision
+        };
+        if let Some(mut tats) = maps.multi.get_mut(stored) {
+            return decide(&mut tats);
+        }
+        let fresh = vec![0u64; quotas.len()];
+        let step = gcra::step_all(&fresh, now, quotas, cost);
+        if step.writes.is_none() {
+            return step.decision;
+        }
+        self.make_room(now);
+        let decision = {
+            let mut tats = maps
+                .multi
+                .entry(StoredKey::new(stored))
+                .or_insert_with(|| fresh.into_boxed_slice());
+            decide(&mut tats)
+        };
+        self.after_insert(now);
+        decision
+    }
+
     fn make_room(&self, now: u64) {
         if self.bound.approx_len() >= self.max_keys {
             self.sweep(now);
@@ -266,25 +343,31 @@ impl<C> Inner<C> {
         }
     }
 
-    /// Drops fresh states; if the map is still full, evicts the entries closest to fresh until
-    /// it is 1/16 below `max_keys`.
+    /// Drops fresh states; if the maps are still full, evicts the entries closest to fresh
+    /// until they are 1/16 below `max_keys`.
     fn sweep(&self, now: u64) {
         let latest = |tats: &[u64]| tats.iter().copied().max().unwrap_or(0);
         self.bound.sweep(|| {
-            self.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
-            self.multi.retain(|_, tats| latest(tats) > now);
-            let len = self.map.len() + self.multi.len();
-            let stamps = self
-                .map
-                .iter()
-                .map(|e| e.value().load(Ordering::Relaxed))
-                .chain(self.multi.iter().map(|e| latest(e.value())));
-            if let Some(threshold) = eviction_threshold(len, self.max_keys, stamps) {
-                self.map
-                    .retain(|_, tat| tat.load(Ordering::Relaxed) > threshold);
-                self.multi.retain(|_, tats| latest(tats) > threshold);
+            for maps in self.all_maps() {
+                maps.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
+                maps.multi.retain(|_, tats| latest(tats) > now);
             }
-            self.map.len() + self.multi.len()
+            let len: usize = self.all_maps().map(Maps::len).sum();
+            let stamps = self.all_maps().flat_map(|maps| {
+                maps.map
+                    .iter()
+                    .map(|e| e.value().load(Ordering::Relaxed))
+                    .chain(maps.multi.iter().map(|e| latest(e.value())))
+                    .collect::<Vec<_>>()
+            });
+            if let Some(threshold) = eviction_threshold(len, self.max_keys, stamps) {
+                for maps in self.all_maps() {
+                    maps.map
+                        .retain(|_, tat| tat.load(Ordering::Relaxed) > threshold);
+                    maps.multi.retain(|_, tats| latest(tats) > threshold);
+                }
+            }
+            self.all_maps().map(Maps::len).sum()
         });
     }
 }
@@ -357,6 +440,29 @@ mod tests {
         let ab = Policy::new("ab", Quota::per_hour(1).unwrap()).unwrap();
         assert!(s.check_now(&ab, &Key::from("k"), 1).is_allowed());
         assert!(s.check_now(&a, &Key::from("bk"), 1).is_allowed());
+    }
+
+    #[test]
+    fn policies_beyond_the_slots_share_the_overflow_maps_safely() {
+        let (s, _) = store(1_000);
+        let policies: Vec<Policy> = (0..POLICY_SLOTS + 8)
+            .map(|i| Policy::new(&format!("p{i}"), Quota::per_hour(1).unwrap()).unwrap())
+            .collect();
+        let k = Key::from("k");
+        for p in &policies {
+            assert!(s.check_now(p, &k, 1).is_allowed(), "{}", p.name());
+        }
+        for p in &policies {
+            assert!(!s.check_now(p, &k, 1).is_allowed(), "{}", p.name());
+        }
+        assert_eq!(s.len(), POLICY_SLOTS + 8);
+        // A policy built again with the same name shares its state, slot or overflow.
+        for i in [0, POLICY_SLOTS + 7] {
+            let again = Policy::new(&format!("p{i}"), Quota::per_hour(1).unwrap()).unwrap();
+            assert!(!s.check_now(&again, &k, 1).is_allowed());
+            s.remove(&again, &k);
+            assert!(s.check_now(&policies[i], &k, 1).is_allowed());
+        }
     }
 
     #[test]

@@ -103,6 +103,11 @@ impl Policy {
         }
     }
 
+    /// The name, shared: stores recognise a policy by it.
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
+        &self.name
+    }
+
     /// The policy's name, as sent in `RateLimit-Policy`.
     pub fn name(&self) -> &str {
         &self.name
