@@ -3,8 +3,10 @@
 
 mod common;
 
+use common::http::serve;
+
 use std::future::{Ready, ready};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -17,20 +19,6 @@ use tollgate::{
     ConfigError, Decision, FailMode, HeaderStyle, Key, ManualClock, MemoryStore, Policy, Quota,
     RateLimitLayer, RejectionBody, ResetStyle, Store, StoreError, StoreErrorKind,
 };
-
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
-    addr
-}
 
 /// A client whose requests come from `local` (any 127.0.0.0/8 address works on loopback).
 fn client_from(local: &str) -> reqwest::Client {

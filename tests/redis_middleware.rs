@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::http::serve;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -14,20 +16,6 @@ use http::StatusCode;
 use tollgate::key::Global;
 use tollgate::store::redis::RedisStore;
 use tollgate::{FailMode, Quota, RateLimitLayer};
-
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
-    addr
-}
 
 /// One "app server": its own RedisStore and layer, on its own port.
 async fn app_instance(redis_url: &str, quota: &str, fail_mode: FailMode) -> SocketAddr {

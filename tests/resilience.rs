@@ -58,7 +58,6 @@ impl<S: Store> Store for Counted<S> {
 mod redis_backed {
     use super::*;
 
-    use std::net::SocketAddr;
     use std::time::{Duration, Instant};
 
     use axum::Router;
@@ -234,20 +233,6 @@ mod redis_backed {
         assert_eq!(cache.stats().store_calls, calls);
     }
 
-    async fn serve(app: Router) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await
-            .unwrap();
-        });
-        addr
-    }
-
     fn client() -> reqwest::Client {
         reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -281,7 +266,7 @@ mod redis_backed {
         let app = Router::new()
             .route("/cached", get(|| async { "ok" }).route_layer(cached))
             .route("/plain", get(|| async { "ok" }).route_layer(plain));
-        let addr = serve(app).await;
+        let addr = common::http::serve(app).await;
         let c = client();
         let mut calls = Vec::new();
         for path in ["cached", "plain"] {
@@ -505,7 +490,7 @@ mod redis_backed {
             .fail_mode(FailMode::Closed)
             .build()
             .unwrap();
-        let addr = serve(
+        let addr = common::http::serve(
             Router::new()
                 .route("/", get(|| async { "ok" }))
                 .layer(layer),

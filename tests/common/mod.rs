@@ -2,5 +2,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod demo;
+pub mod http;
 pub mod redis;
 pub mod vectors;
