@@ -443,6 +443,32 @@ impl<C: Clock> Shared<C> {
     }
 }
 
+impl<C: Clock> Shared<C> {
+    /// Composes the key and answers locally when the cache can (counting the local denial).
+    /// Returns the time of the attempt, the composed key (for noting the store's answer) and
+    /// the local decision, if any. A peek is never denied by the GCRA, so only charging checks
+    /// can be answered here.
+    #[inline]
+    fn try_local(
+        &self,
+        policy: &Policy,
+        key: &Key,
+        cost: u32,
+    ) -> (u64, [u8; MAX_COMPOSED], Option<usize>, Option<Decision>) {
+        let now = self.clock.now_micros();
+        let mut buf = [0u8; MAX_COMPOSED];
+        let len = compose(&mut buf, policy, key);
+        let local = match len {
+            Some(len) if cost > 0 => self.local(&buf[..len], policy, now, cost),
+            _ => None,
+        };
+        if local.is_some() {
+            self.count_local();
+        }
+        (now, buf, len, local)
+    }
+}
+
 /// The composed key's length in `buf` (see [`keyspace::compose`]); always `Some` for keys
 /// built by [`Key`].
 #[inline]
@@ -456,15 +482,8 @@ impl<S: Store, C: Clock> Store for DenyCache<S, C> {
     #[inline]
     fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
         let shared = &*self.shared;
-        let now = shared.clock.now_micros();
-        let mut buf = [0u8; MAX_COMPOSED];
-        let len = compose(&mut buf, policy, key);
-        // A peek is never denied by the GCRA, so only charging checks can be answered here.
-        if cost > 0
-            && let Some(len) = len
-            && let Some(decision) = shared.local(&buf[..len], policy, now, cost)
-        {
-            shared.count_local();
+        let (now, buf, len, local) = shared.try_local(policy, key, cost);
+        if let Some(decision) = local {
             return DenyCacheFuture {
                 state: State::Local {
                     decision: Some(decision),
@@ -495,14 +514,8 @@ impl<S: Store, C: Clock> Store for DenyCache<S, C> {
         cost: u32,
     ) -> Option<Result<Decision, StoreError>> {
         let shared = &*self.shared;
-        let now = shared.clock.now_micros();
-        let mut buf = [0u8; MAX_COMPOSED];
-        let len = compose(&mut buf, policy, key);
-        if cost > 0
-            && let Some(len) = len
-            && let Some(decision) = shared.local(&buf[..len], policy, now, cost)
-        {
-            shared.count_local();
+        let (now, buf, len, local) = shared.try_local(policy, key, cost);
+        if let Some(decision) = local {
             return Some(Ok(decision));
         }
         let result = self.store.check_ready(policy, key, cost)?;
