@@ -18,6 +18,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use http::header::{Entry, OccupiedEntry};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -108,9 +109,9 @@ pub(crate) struct PolicyFields {
     policy_member: String,
     /// The same, ready to insert without allocating.
     policy_value: HeaderValue,
-    /// `"name"` per quota: the policy's name, or for a policy of several quotas
-    /// `"name-<quota>"` (e.g. `"api-10/s"`, `"api-1000/d"`).
-    quoted_names: Vec<String>,
+    /// `"name";r=` per quota, where `"name"` is the policy's name, or for a policy of several
+    /// quotas `"name-<quota>"` (e.g. `"api-10/s"`, `"api-1000/d"`).
+    member_prefixes: Vec<Box<[u8]>>,
 }
 
 impl PolicyFields {
@@ -139,7 +140,10 @@ impl PolicyFields {
             policy_value: HeaderValue::from_str(&policy_member)
                 .unwrap_or_else(|_| HeaderValue::from_static("\"invalid\";q=0")),
             policy_member,
-            quoted_names,
+            member_prefixes: quoted_names
+                .iter()
+                .map(|name| format!("{name};r=").into_bytes().into_boxed_slice())
+                .collect(),
         }
     }
 }
@@ -153,33 +157,21 @@ pub(crate) fn apply(
     decision: &Decision,
 ) {
     if style.ietf() {
-        // One list member per quota: `"name";r=R;t=T`, built on the stack.
-        let mut member = ValueBuf::new();
-        let mut digits = itoa::Buffer::new();
-        for (name, d) in fields.quoted_names.iter().zip(decision.per_quota()) {
-            if !member.is_empty() {
-                member.push(b", ");
-            }
-            member.push(name.as_bytes());
-            member.push(b";r=");
-            member.push(digits.format(d.remaining()).as_bytes());
-            member.push(b";t=");
-            member.push(digits.format(ceil_secs(d.next_available())).as_bytes());
-        }
         match headers.entry(&RATELIMIT_POLICY) {
             Entry::Vacant(slot) => {
                 slot.insert(fields.policy_value.clone());
             }
             Entry::Occupied(slot) => prepend_member(slot, fields.policy_member.as_bytes()),
         }
+        let member = ratelimit_member(fields, decision);
         match headers.entry(&RATELIMIT) {
             Entry::Vacant(slot) => {
                 // Printable ASCII only (validated names, digits), so this cannot fail.
-                if let Ok(v) = HeaderValue::from_bytes(member.as_bytes()) {
+                if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(member)) {
                     slot.insert(v);
                 }
             }
-            Entry::Occupied(slot) => prepend_member(slot, member.as_bytes()),
+            Entry::Occupied(slot) => prepend_member(slot, &member),
         }
     }
     if style.legacy() {
@@ -198,15 +190,100 @@ pub(crate) fn apply(
             };
             headers.insert(
                 X_RATELIMIT_LIMIT.clone(),
-                HeaderValue::from(decision.capacity()),
+                int_value(u64::from(decision.capacity())),
             );
-            headers.insert(
-                X_RATELIMIT_REMAINING.clone(),
-                HeaderValue::from(remaining.min(SF_INTEGER_MAX)),
-            );
-            headers.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(reset));
+            headers.insert(X_RATELIMIT_REMAINING.clone(), int_value(remaining));
+            headers.insert(X_RATELIMIT_RESET.clone(), int_value(reset));
         }
     }
+}
+
+/// This layer's `RateLimit` list members, one per quota (`"name";r=R;t=T`), in exactly as many
+/// bytes as they take, so that the header value is made from them without a copy.
+fn ratelimit_member(fields: &PolicyFields, decision: &Decision) -> Vec<u8> {
+    let numbers = |d: &Decision| {
+        let r = u64::from(d.remaining()).min(SF_INTEGER_MAX);
+        (r, ceil_secs(d.next_available()))
+    };
+    let len: usize = fields
+        .member_prefixes
+        .iter()
+        .zip(decision.per_quota())
+        .map(|(prefix, d)| {
+            let (r, t) = numbers(d);
+            prefix.len() + decimal_len(r) + b";t=".len() + decimal_len(t)
+        })
+        .sum::<usize>()
+        + b", ".len() * decision.per_quota().len().saturating_sub(1);
+    let mut member = Vec::with_capacity(len);
+    let mut digits = itoa::Buffer::new();
+    for (prefix, d) in fields.member_prefixes.iter().zip(decision.per_quota()) {
+        if !member.is_empty() {
+            member.extend_from_slice(b", ");
+        }
+        let (r, t) = numbers(d);
+        member.extend_from_slice(prefix);
+        member.extend_from_slice(digits.format(r).as_bytes());
+        member.extend_from_slice(b";t=");
+        member.extend_from_slice(digits.format(t).as_bytes());
+    }
+    member
+}
+
+/// How many decimal digits `n` takes.
+pub(crate) fn decimal_len(mut n: u64) -> usize {
+    let mut len = 1;
+    while n >= 10 {
+        n /= 10;
+        len += 1;
+    }
+    len
+}
+
+/// Every integer below 1000 written back to back (`0123456789101112…999`): header values of
+/// small integers borrow their text from here instead of allocating it.
+static SMALL_INTS: [u8; SMALL_INTS_LEN] = small_ints();
+const SMALL_INTS_LEN: usize = 10 + 90 * 2 + 900 * 3;
+
+const fn small_ints() -> [u8; SMALL_INTS_LEN] {
+    let mut out = [0u8; SMALL_INTS_LEN];
+    let mut n = 0;
+    let mut at = 0;
+    while n < 1000 {
+        if n >= 100 {
+            out[at] = b'0' + (n / 100) as u8;
+            at += 1;
+        }
+        if n >= 10 {
+            out[at] = b'0' + (n / 10 % 10) as u8;
+            at += 1;
+        }
+        out[at] = b'0' + (n % 10) as u8;
+        at += 1;
+        n += 1;
+    }
+    out
+}
+
+/// `n` (clamped to 15 digits) as a header value; below 1000 without allocating.
+pub(crate) fn int_value(n: u64) -> HeaderValue {
+    let n = n.min(SF_INTEGER_MAX);
+    if let Ok(small) = usize::try_from(n)
+        && small < 1000
+    {
+        let (start, len) = match small {
+            0..=9 => (small, 1),
+            10..=99 => (10 + (small - 10) * 2, 2),
+            _ => (190 + (small - 100) * 3, 3),
+        };
+        if let Some(text) = SMALL_INTS
+            .get(start..start + len)
+            .and_then(|digits| std::str::from_utf8(digits).ok())
+        {
+            return HeaderValue::from_static(text);
+        }
+    }
+    HeaderValue::from(n)
 }
 
 /// Puts `member` first in the list field `name`, joining every existing line into one list,
@@ -254,10 +331,6 @@ impl ValueBuf {
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.len == 0 && self.heap.is_empty()
-    }
-
     fn as_bytes(&self) -> &[u8] {
         if self.heap.is_empty() {
             &self.stack[..self.len]
@@ -269,7 +342,7 @@ impl ValueBuf {
 
 /// `Retry-After` in whole seconds, rounded up, never 0.
 pub(crate) fn retry_after_value(retry: Duration) -> HeaderValue {
-    HeaderValue::from(ceil_secs(retry).max(1))
+    int_value(ceil_secs(retry).max(1))
 }
 
 #[cfg(test)]
@@ -285,6 +358,15 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
         assert_eq!(ceil_secs(Duration::MAX), SF_INTEGER_MAX);
         assert_eq!(retry_after_value(Duration::from_millis(1)), "1");
+    }
+
+    #[test]
+    fn integer_values_match_their_decimal_text() {
+        for n in (0..1_200).chain([9_999, 10_000, u64::from(u32::MAX), SF_INTEGER_MAX]) {
+            assert_eq!(int_value(n), n.to_string().as_str(), "{n}");
+            assert_eq!(decimal_len(n), n.to_string().len(), "{n}");
+        }
+        assert_eq!(int_value(u64::MAX), SF_INTEGER_MAX.to_string().as_str());
     }
 
     #[test]

@@ -158,7 +158,7 @@ impl fmt::Debug for Key {
 /// Shows the key as text, with bytes that are not printable ASCII escaped as `\xNN`.
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.as_bytes().escape_ascii().to_string())
+        write!(f, "{}", self.as_bytes().escape_ascii())
     }
 }
 
@@ -196,7 +196,7 @@ impl From<IpAddr> for Key {
     fn from(ip: IpAddr) -> Self {
         match ip {
             IpAddr::V4(v4) => ipv4_key(&[], v4),
-            IpAddr::V6(v6) => Self::new(v6.to_string()),
+            IpAddr::V6(v6) => ipv6_key(&[], v6, None),
         }
     }
 }
@@ -207,21 +207,76 @@ impl From<u64> for Key {
     }
 }
 
-/// `prefix` + dotted IPv4, formatted without `core::fmt` and without allocating.
+/// `prefix` + dotted IPv4, formatted digit by digit: no `core::fmt`, no allocation.
 fn ipv4_key(prefix: &[u8], ip: std::net::Ipv4Addr) -> Key {
-    let mut text = [0u8; 15];
-    let mut len = 0;
+    let mut text = TextBuf::<15>::new();
     for (i, octet) in ip.octets().into_iter().enumerate() {
         if i > 0 {
-            text[len] = b'.';
-            len += 1;
+            text.push(b'.');
         }
-        let mut digits = itoa::Buffer::new();
-        let digits = digits.format(octet).as_bytes();
-        text[len..len + digits.len()].copy_from_slice(digits);
-        len += digits.len();
+        if octet >= 100 {
+            text.push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            text.push(b'0' + octet / 10 % 10);
+        }
+        text.push(b'0' + octet % 10);
     }
-    Key::from_parts(&[prefix, &text[..len]])
+    Key::from_parts(&[prefix, text.as_bytes()])
+}
+
+/// `prefix` + an IPv6 address in its RFC 5952 text form, and `/bits` when grouped by prefix,
+/// written on the stack.
+fn ipv6_key(prefix: &[u8], ip: Ipv6Addr, bits: Option<u8>) -> Key {
+    use std::fmt::Write as _;
+    // The longest form, `ffff:...:ffff/128` or `::ffff:255.255.255.255/128`, is 43 bytes.
+    let mut text = TextBuf::<48>::new();
+    let written = match bits {
+        Some(bits) => write!(text, "{ip}/{bits}"),
+        None => write!(text, "{ip}"),
+    };
+    // The buffer is longer than any address text, so writing cannot fail; if it ever did, the
+    // key would still be the text written so far, never a panic.
+    let _ = written;
+    Key::from_parts(&[prefix, text.as_bytes()])
+}
+
+/// A short ASCII text built on the stack. Bytes past the capacity are dropped (callers size it
+/// for the longest text they write).
+struct TextBuf<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> TextBuf<N> {
+    fn new() -> Self {
+        Self {
+            bytes: [0; N],
+            len: 0,
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, byte: u8) {
+        if let Some(slot) = self.bytes.get_mut(self.len) {
+            *slot = byte;
+            self.len += 1;
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or(&self.bytes)
+    }
+}
+
+impl<const N: usize> fmt::Write for TextBuf<N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let slot = self.bytes.get_mut(self.len..end).ok_or(fmt::Error)?;
+        slot.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 /// Turns a request into the key it is limited under, or `None` for "not limited".
@@ -390,14 +445,11 @@ impl ClientIp {
     fn key_for(&self, prefix: &[u8], ip: IpAddr) -> Key {
         match ip {
             IpAddr::V4(v4) => ipv4_key(prefix, v4),
-            IpAddr::V6(v6) if self.ipv6_prefix == 128 => {
-                Key::from_parts(&[prefix, v6.to_string().as_bytes()])
-            }
+            IpAddr::V6(v6) if self.ipv6_prefix == 128 => ipv6_key(prefix, v6, None),
             IpAddr::V6(v6) => {
                 let mask = u128::MAX << (128 - u32::from(self.ipv6_prefix));
                 let net = Ipv6Addr::from(u128::from(v6) & mask);
-                let text = format!("{net}/{}", self.ipv6_prefix);
-                Key::from_parts(&[prefix, text.as_bytes()])
+                ipv6_key(prefix, net, Some(self.ipv6_prefix))
             }
         }
     }
@@ -673,6 +725,39 @@ mod tests {
         assert!(ClientIp::new().ipv6_prefix(129).is_err());
         assert!(ClientIp::new().trust("10.0.0.0/33").is_err());
         assert!(ClientIp::new().trust("nonsense").is_err());
+    }
+
+    #[test]
+    fn ip_keys_match_the_standard_text_forms() {
+        for octet in 0..=255u8 {
+            let v4 = std::net::Ipv4Addr::new(octet, 255 - octet, octet / 2, octet % 10);
+            assert_eq!(Key::from(IpAddr::V4(v4)), Key::from(v4.to_string()));
+        }
+        for v6 in [
+            Ipv6Addr::UNSPECIFIED,
+            Ipv6Addr::LOCALHOST,
+            Ipv6Addr::from(u128::MAX),
+            "2001:db8::1:0:0:1".parse().unwrap(),
+            "::ffff:255.255.255.255".parse().unwrap(),
+            "::1.2.3.4".parse().unwrap(),
+        ] {
+            assert_eq!(Key::from(IpAddr::V6(v6)), Key::from(v6.to_string()));
+            let grouped = ClientIp::new().ipv6_prefix(128).unwrap();
+            assert_eq!(
+                grouped.key_for(b"ip:", IpAddr::V6(v6)),
+                Key::from(format!("ip:{v6}"))
+            );
+        }
+        // The longest IPv6 text with the longest prefix suffix still fits the stack buffer.
+        let all_ones = Ipv6Addr::from(u128::MAX);
+        let key = ClientIp::new()
+            .ipv6_prefix(127)
+            .unwrap()
+            .key_for(b"", all_ones.into());
+        assert_eq!(
+            key,
+            Key::from("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe/127")
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::headers::{ceil_secs, retry_after_value};
+use crate::headers::{ceil_secs, decimal_len, retry_after_value};
 
 /// What a limited request's body says.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -49,19 +49,24 @@ impl Rejection {
     ) -> Response<RateLimitBody<B>> {
         let (content_type, body) = match &self.body {
             RejectionBody::Text => {
-                let mut text = Vec::with_capacity(96);
-                text.extend_from_slice(b"Too Many Requests: policy \"");
+                let secs = retry.map(|r| ceil_secs(r).max(1));
+                let tail: &[u8] = match secs {
+                    Some(_) => b"\", retry after ",
+                    None => b"\", this request costs more than the policy ever admits at once\n",
+                };
+                let head = b"Too Many Requests: policy \"";
+                let len = head.len()
+                    + policy.len()
+                    + tail.len()
+                    + secs.map_or(0, |s| decimal_len(s) + b" s\n".len());
+                // Exactly `len` bytes, so the body is made from them without another allocation.
+                let mut text = Vec::with_capacity(len);
+                text.extend_from_slice(head);
                 text.extend_from_slice(policy.as_bytes());
-                match retry {
-                    Some(r) => {
-                        text.extend_from_slice(b"\", retry after ");
-                        let secs = ceil_secs(r).max(1);
-                        text.extend_from_slice(itoa::Buffer::new().format(secs).as_bytes());
-                        text.extend_from_slice(b" s\n");
-                    }
-                    None => text.extend_from_slice(
-                        b"\", this request costs more than the policy ever admits at once\n",
-                    ),
+                text.extend_from_slice(tail);
+                if let Some(secs) = secs {
+                    text.extend_from_slice(itoa::Buffer::new().format(secs).as_bytes());
+                    text.extend_from_slice(b" s\n");
                 }
                 (
                     Some(HeaderValue::from_static("text/plain; charset=utf-8")),
@@ -78,7 +83,7 @@ impl Rejection {
                 );
                 (
                     Some(HeaderValue::from_static("application/json")),
-                    Bytes::from(json),
+                    Bytes::from(json.into_bytes().into_boxed_slice()),
                 )
             }
             RejectionBody::Custom { content_type, body } => {
