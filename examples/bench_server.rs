@@ -1,7 +1,9 @@
 //! A hello-world axum server for measuring the middleware's overhead (used by
 //! `scripts/bench-http`): `--mode none` has no limiter, `allowed` a MemoryStore layer that
-//! admits everything, `denied` one that answers 429 to everything, and with the `redis` feature
-//! `redis-allowed` the same through a RedisStore (`--redis-url`).
+//! admits everything, `allowed-no-headers` the same without rate-limit fields on allowed
+//! responses (`headers_on_allowed(false)`, to show what the fields cost), `denied` one that
+//! answers 429 to everything, and with the `redis` feature `redis-allowed` the same through a
+//! RedisStore (`--redis-url`).
 //!
 //! ```text
 //! cargo run --release --example bench_server -- --mode allowed --listen 127.0.0.1:3001
@@ -47,6 +49,13 @@ fn main() {
         let app = match mode.as_str() {
             "none" => hello,
             "allowed" => hello.layer(RateLimitLayer::new(allowed, ClientIp::new())),
+            "allowed-no-headers" => hello.layer(
+                RateLimitLayer::builder(allowed)
+                    .key(ClientIp::new())
+                    .headers_on_allowed(false)
+                    .build()
+                    .unwrap_or_else(|e| fail(&format!("{e}"))),
+            ),
             "denied" => hello.layer(RateLimitLayer::new(denied, ClientIp::new())),
             #[cfg(feature = "redis")]
             "redis-allowed" => {
