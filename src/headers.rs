@@ -205,27 +205,35 @@ fn ratelimit_member(fields: &PolicyFields, decision: &Decision) -> Vec<u8> {
         let r = u64::from(d.remaining()).min(SF_INTEGER_MAX);
         (r, ceil_secs(d.next_available()))
     };
-    let len: usize = fields
-        .member_prefixes
-        .iter()
-        .zip(decision.per_quota())
-        .map(|(prefix, d)| {
-            let (r, t) = numbers(d);
-            prefix.len() + decimal_len(r) + b";t=".len() + decimal_len(t)
-        })
-        .sum::<usize>()
-        + b", ".len() * decision.per_quota().len().saturating_sub(1);
-    let mut member = Vec::with_capacity(len);
-    let mut digits = itoa::Buffer::new();
-    for (prefix, d) in fields.member_prefixes.iter().zip(decision.per_quota()) {
-        if !member.is_empty() {
-            member.extend_from_slice(b", ");
-        }
-        let (r, t) = numbers(d);
+    let member_len = |prefix: &[u8], (r, t): (u64, u64)| {
+        prefix.len() + decimal_len(r) + b";t=".len() + decimal_len(t)
+    };
+    let write = |member: &mut Vec<u8>, prefix: &[u8], (r, t): (u64, u64)| {
+        let mut digits = itoa::Buffer::new();
         member.extend_from_slice(prefix);
         member.extend_from_slice(digits.format(r).as_bytes());
         member.extend_from_slice(b";t=");
         member.extend_from_slice(digits.format(t).as_bytes());
+    };
+    let members = fields.member_prefixes.iter().zip(decision.per_quota());
+    if let ([prefix], [d]) = (fields.member_prefixes.as_slice(), decision.per_quota()) {
+        // One quota, the usual case: its numbers are worked out once.
+        let pair = numbers(d);
+        let mut member = Vec::with_capacity(member_len(prefix, pair));
+        write(&mut member, prefix, pair);
+        return member;
+    }
+    let len: usize = members
+        .clone()
+        .map(|(prefix, d)| member_len(prefix, numbers(d)))
+        .sum::<usize>()
+        + b", ".len() * decision.per_quota().len().saturating_sub(1);
+    let mut member = Vec::with_capacity(len);
+    for (prefix, d) in members {
+        if !member.is_empty() {
+            member.extend_from_slice(b", ");
+        }
+        write(&mut member, prefix, numbers(d));
     }
     member
 }
@@ -367,6 +375,27 @@ mod tests {
             assert_eq!(decimal_len(n), n.to_string().len(), "{n}");
         }
         assert_eq!(int_value(u64::MAX), SF_INTEGER_MAX.to_string().as_str());
+    }
+
+    #[test]
+    fn ratelimit_members_fill_their_allocation_exactly() {
+        use crate::decision::Outcome;
+        let one = "10/s".parse::<Quota>().unwrap();
+        let two = "1000000/d".parse::<Quota>().unwrap();
+        let single = PolicyFields::new(&Policy::new("api", one).unwrap());
+        let multi = PolicyFields::new(&Policy::multi("api", [one, two]).unwrap());
+        let d1 = Decision::new(Outcome::Allowed, &one, 300_000, 0);
+        let d2 = Decision::new(Outcome::Allowed, &two, 86_400_000_000, 0);
+        let member = ratelimit_member(&single, &d1);
+        assert_eq!(member, b"\"api\";r=7;t=1");
+        assert_eq!(member.len(), member.capacity());
+        let both = Decision::combined(d1.clone(), vec![d1, d2]);
+        let member = ratelimit_member(&multi, &both);
+        assert_eq!(
+            String::from_utf8_lossy(&member),
+            "\"api-10/s\";r=7;t=1, \"api-1000000/d\";r=0;t=1"
+        );
+        assert_eq!(member.len(), member.capacity());
     }
 
     #[test]
