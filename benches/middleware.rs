@@ -1,6 +1,7 @@
 //! The layer's cost per request inside one process (no sockets): an axum hello-world router
 //! called through `tower::ServiceExt::oneshot`, with no limiter, with a MemoryStore layer that
-//! admits everything, and with one that denies everything, in one criterion group.
+//! admits everything, and with one that denies everything, in one criterion group; then the
+//! same with two threads calling at once.
 //!
 //! Run: `cargo bench --bench middleware`. For the same over real HTTP see `scripts/bench-http`.
 #![allow(missing_docs)] // criterion_group! and the harness generate undocumented items
@@ -14,12 +15,17 @@ use tollgate::{Quota, RateLimitLayer};
 use tower::ServiceExt;
 
 fn request() -> http::Request<Body> {
+    request_from(7)
+}
+
+/// A request from client `203.0.113.<client>`.
+fn request_from(client: u8) -> http::Request<Body> {
     let mut req = http::Request::builder()
         .uri("/")
         .body(Body::empty())
         .unwrap_or_default();
     req.extensions_mut()
-        .insert(PeerAddr(SocketAddr::from(([203, 0, 113, 7], 40_000))));
+        .insert(PeerAddr(SocketAddr::from(([203, 0, 113, client], 40_000))));
     req
 }
 
@@ -44,7 +50,7 @@ fn bench(c: &mut Criterion) {
         ),
     ];
     let mut group = c.benchmark_group("axum hello world, in process");
-    for (name, app) in apps {
+    for (name, app) in apps.clone() {
         group.bench_function(name, |b| {
             b.iter(|| {
                 let app = app.clone();
@@ -52,6 +58,35 @@ fn bench(c: &mut Criterion) {
                     let res = app.oneshot(request()).await;
                     std::hint::black_box(res.map(|r| r.status()))
                 })
+            })
+        });
+    }
+    group.finish();
+
+    // The same on two threads at once, each with its own runtime (as the workers of a server)
+    // and its own client: what the layer's shared state costs when cores contend for it.
+    let mut group = c.benchmark_group("axum hello world, in process, 2 threads");
+    for (name, app) in apps {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                std::thread::scope(|s| {
+                    for client in 1..=2 {
+                        let app = app.clone();
+                        s.spawn(move || {
+                            let rt = tokio::runtime::Builder::new_current_thread()
+                                .build()
+                                .unwrap_or_else(|e| panic!("runtime: {e}"));
+                            rt.block_on(async move {
+                                for _ in 0..iters / 2 {
+                                    let res = app.clone().oneshot(request_from(client)).await;
+                                    let _ = std::hint::black_box(res.map(|r| r.status()));
+                                }
+                            })
+                        });
+                    }
+                });
+                start.elapsed()
             })
         });
     }

@@ -16,7 +16,7 @@ use crate::decision::{Decision, Outcome};
 use crate::error::StoreError;
 use crate::headers;
 use crate::key::Key;
-use crate::layer::Shared;
+use crate::layer::{Counter, Shared};
 use crate::response::{RateLimitBody, store_unavailable};
 use crate::store::{FailMode, Store};
 
@@ -232,15 +232,15 @@ enum Verdict<B> {
 
 impl<St, K> Shared<St, K> {
     pub(crate) fn count_unlimited(&self) {
-        self.counters.unlimited.fetch_add(1, Ordering::Relaxed);
+        self.counters.add(Counter::Unlimited);
     }
 
     fn verdict<B>(&self, result: Result<Decision, StoreError>, key: &Key, cost: u32) -> Verdict<B> {
         let decision = match result {
             Ok(decision) => decision,
             Err(error) => {
-                self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
-                self.counters.degraded.fetch_add(1, Ordering::Relaxed);
+                self.counters.add(Counter::StoreErrors);
+                self.counters.add(Counter::Degraded);
                 self.warn_store_failure(&error);
                 match (&self.fail_mode, &self.fallback) {
                     (FailMode::Closed, _) => {
@@ -254,7 +254,7 @@ impl<St, K> Shared<St, K> {
                         decision
                     }
                     _ => {
-                        self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+                        self.counters.add(Counter::Allowed);
                         let decision = Decision::fail_open(self.policy.quota());
                         return Verdict::Pass {
                             decision,
@@ -265,7 +265,7 @@ impl<St, K> Shared<St, K> {
             }
         };
         if decision.outcome() == Outcome::Allowed {
-            self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+            self.counters.add(Counter::Allowed);
             return Verdict::Pass {
                 decision,
                 headers: true,
@@ -273,13 +273,13 @@ impl<St, K> Shared<St, K> {
         }
         self.log_limited(key, cost, &decision);
         if self.dry_run {
-            self.counters.dry_run_denied.fetch_add(1, Ordering::Relaxed);
+            self.counters.add(Counter::DryRunDenied);
             return Verdict::Pass {
                 decision,
                 headers: true,
             };
         }
-        self.counters.denied.fetch_add(1, Ordering::Relaxed);
+        self.counters.add(Counter::Denied);
         let mut response = self
             .rejection
             .response(self.policy.name(), decision.retry_after());
@@ -321,7 +321,7 @@ impl<St, K> Shared<St, K> {
             .map(|d| d.excess_over(after))
             .max()
             .filter(|d| !d.is_zero())?;
-        self.counters.delayed.fetch_add(1, Ordering::Relaxed);
+        self.counters.add(Counter::Delayed);
         // nginx logs delays one level below rejections.
         macro_rules! delayed {
             ($level:expr) => {

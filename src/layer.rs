@@ -84,16 +84,80 @@ pub(crate) struct Shared<St, K> {
     pub(crate) started: std::time::Instant,
 }
 
-/// Live counters of one layer.
-#[derive(Debug, Default)]
+/// Live counters of one layer, striped over cache lines: each thread counts in its own stripe,
+/// so requests served on different cores never write the same line; a snapshot sums them.
 pub(crate) struct Counters {
-    pub(crate) allowed: AtomicU64,
-    pub(crate) denied: AtomicU64,
-    pub(crate) dry_run_denied: AtomicU64,
-    pub(crate) unlimited: AtomicU64,
-    pub(crate) store_errors: AtomicU64,
-    pub(crate) degraded: AtomicU64,
-    pub(crate) delayed: AtomicU64,
+    /// A power of two of them, so a thread's stripe is its index masked.
+    stripes: Box<[Stripe]>,
+}
+
+/// One thread's share of the counters, alone on its cache line(s).
+#[derive(Default)]
+#[repr(align(128))]
+struct Stripe([AtomicU64; Counter::COUNT]);
+
+/// What a layer counts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Counter {
+    Allowed,
+    Denied,
+    DryRunDenied,
+    Unlimited,
+    StoreErrors,
+    Degraded,
+    Delayed,
+}
+
+impl Counter {
+    const COUNT: usize = 7;
+}
+
+/// The most stripes a layer gets (8 KiB of counters).
+const MAX_STRIPES: usize = 64;
+
+impl Counters {
+    pub(crate) fn new() -> Self {
+        let cores = std::thread::available_parallelism().map_or(8, std::num::NonZeroUsize::get);
+        let stripes = cores.next_power_of_two().min(MAX_STRIPES);
+        Self {
+            stripes: (0..stripes).map(|_| Stripe::default()).collect(),
+        }
+    }
+
+    /// Counts one event in this thread's stripe.
+    #[inline]
+    pub(crate) fn add(&self, counter: Counter) {
+        let stripe = thread_stripe() & (self.stripes.len() - 1);
+        if let Some(Stripe(counts)) = self.stripes.get(stripe) {
+            counts[counter as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The sum over every stripe.
+    pub(crate) fn get(&self, counter: Counter) -> u64 {
+        self.stripes
+            .iter()
+            .map(|Stripe(counts)| counts[counter as usize].load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+}
+
+/// This thread's stripe number: threads are numbered in the order they first count, so the
+/// threads of a runtime land on different stripes.
+#[inline]
+fn thread_stripe() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+    }
+    STRIPE.with(|stripe| {
+        let mut n = stripe.get();
+        if n == usize::MAX {
+            n = NEXT.fetch_add(1, Ordering::Relaxed) % MAX_STRIPES;
+            stripe.set(n);
+        }
+        n
+    })
 }
 
 /// A snapshot of a layer's counters since it was built.
@@ -153,15 +217,14 @@ impl<St, K> RateLimitLayer<St, K> {
     /// The layer's counters so far.
     pub fn stats(&self) -> Stats {
         let c = &self.shared.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {
-            allowed: get(&c.allowed),
-            denied: get(&c.denied),
-            dry_run_denied: get(&c.dry_run_denied),
-            unlimited: get(&c.unlimited),
-            store_errors: get(&c.store_errors),
-            degraded: get(&c.degraded),
-            delayed: get(&c.delayed),
+            allowed: c.get(Counter::Allowed),
+            denied: c.get(Counter::Denied),
+            dry_run_denied: c.get(Counter::DryRunDenied),
+            unlimited: c.get(Counter::Unlimited),
+            store_errors: c.get(Counter::StoreErrors),
+            degraded: c.get(Counter::Degraded),
+            delayed: c.get(Counter::Delayed),
         }
     }
 }
@@ -418,7 +481,7 @@ impl<St, K> Builder<St, K> {
                 body: self.settings.body,
             },
             log_level: self.settings.log_level,
-            counters: Counters::default(),
+            counters: Counters::new(),
             last_warning: AtomicU64::new(0),
             started: std::time::Instant::now(),
         }
@@ -452,5 +515,37 @@ impl<St: Store, K: KeyExtractor> Builder<St, K> {
         let mut shared = self.parts(policy);
         shared.fallback = fallback;
         Ok(RateLimitLayer::from_parts(shared))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn striped_counters_lose_no_count_across_threads() {
+        let counters = Counters::new();
+        assert!(counters.stripes.len().is_power_of_two());
+        // More threads than stripes, so some share a stripe and their adds contend.
+        let threads = counters.stripes.len() * 2 + 3;
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let counters = &counters;
+                s.spawn(move || {
+                    for _ in 0..1_000 {
+                        counters.add(Counter::Allowed);
+                    }
+                    for _ in 0..t {
+                        counters.add(Counter::Denied);
+                    }
+                });
+            }
+        });
+        assert_eq!(counters.get(Counter::Allowed), 1_000 * threads as u64);
+        assert_eq!(
+            counters.get(Counter::Denied),
+            (0..threads as u64).sum::<u64>()
+        );
+        assert_eq!(counters.get(Counter::Delayed), 0);
     }
 }
