@@ -235,9 +235,14 @@ fn ipv6_key(prefix: &[u8], ip: Ipv6Addr, bits: Option<u8>) -> Key {
         Some(bits) => write!(text, "{ip}/{bits}"),
         None => write!(text, "{ip}"),
     };
-    // The buffer is longer than any address text, so writing cannot fail; if it ever did, the
-    // key would still be the text written so far, never a panic.
-    let _ = written;
+    if written.is_ok() {
+        return Key::from_parts(&[prefix, text.as_bytes()]);
+    }
+    // Unreachable with the buffer above; a longer text would still give the exact key.
+    let text = match bits {
+        Some(bits) => format!("{ip}/{bits}"),
+        None => ip.to_string(),
+    };
     Key::from_parts(&[prefix, text.as_bytes()])
 }
 
