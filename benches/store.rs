@@ -2,7 +2,8 @@
 //! report reads as a ratio: one hot key and 100,000 keys, allowed and denied paths, one and two
 //! threads.
 //!
-//! Run: `cargo bench --bench store` (or `scripts/bench-store` for the ratio table).
+//! Run: `cargo bench --bench store`, or `scripts/bench-store` for paired, interleaved ratios
+//! (`benches/store_pairs.rs`), which drift less on a shared machine.
 #![allow(missing_docs)] // criterion_group! and the harness generate undocumented items
 
 use std::hint::black_box;
