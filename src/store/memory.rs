@@ -9,6 +9,11 @@
 //! passed, so forgetting them changes no decision) are swept, then the entries closest to fresh
 //! are evicted. Expired entries are also swept automatically as new keys arrive (amortised O(1)
 //! per insert), so no cleanup task is needed.
+//!
+//! A client denied even a request of cost 1 has a *frozen* state: nothing can change it until
+//! the clock thaws it (see `frozen.rs`). Each thread remembers the frozen states it saw, so a
+//! flood from one client is denied from core-local memory, with the same result the map would
+//! give, and the cores serving it write no shared cache line.
 
 use std::future::{Ready, ready};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +26,7 @@ use crate::decision::Decision;
 use crate::error::{ConfigError, StoreError};
 use crate::gcra;
 use crate::key::Key;
+use crate::store::frozen::{self, Frozen};
 use crate::store::keyspace::{Bound, MAX_COMPOSED, StoredKey, compose, eviction_threshold};
 use crate::store::{Policy, Store};
 
@@ -61,6 +67,8 @@ struct Inner<C> {
     clock: C,
     max_keys: usize,
     bound: Bound,
+    /// Frozen denials remembered per thread, for policies with a slot of their own.
+    frozen: Frozen,
 }
 
 /// How many policies get maps of their own; more are served by the shared overflow maps.
@@ -169,6 +177,7 @@ impl<C: Clock> MemoryStore<C> {
                 clock,
                 max_keys,
                 bound: Bound::new(MIN_SWEEP_INTERVAL),
+                frozen: Frozen::new(),
             }),
         }
     }
@@ -179,11 +188,11 @@ impl<C: Clock> MemoryStore<C> {
         let inner = &*self.inner;
         let now = inner.clock.now_micros();
         match inner.slot(policy) {
-            Some(maps) => inner.decide(maps, key.as_bytes(), now, policy, cost),
+            Some((slot, maps)) => inner.decide(maps, Some(slot), key.as_bytes(), now, policy, cost),
             None => {
                 let mut buf = [0u8; MAX_COMPOSED];
                 let composed = compose(&mut buf, policy, key);
-                inner.decide(&inner.overflow, composed, now, policy, cost)
+                inner.decide(&inner.overflow, None, composed, now, policy, cost)
             }
         }
     }
@@ -203,11 +212,13 @@ impl<C: Clock> MemoryStore<C> {
         let inner = &*self.inner;
         let mut buf = [0u8; MAX_COMPOSED];
         let (maps, stored) = match inner.slot(policy) {
-            Some(maps) => (maps, key.as_bytes()),
+            Some((_, maps)) => (maps, key.as_bytes()),
             None => (&inner.overflow, compose(&mut buf, policy, key)),
         };
         maps.map.remove(stored);
         maps.multi.remove(stored);
+        // After the removal: a thread that read the old state before it must not keep it.
+        inner.frozen.invalidate();
     }
 
     /// Removes every state that is already fresh (its TAT has passed). This runs automatically;
@@ -218,17 +229,19 @@ impl<C: Clock> MemoryStore<C> {
     }
 }
 
-/// The compare-and-swap loop on one key's TAT.
+/// The compare-and-swap loop on one key's TAT: the TAT the decision was made on, and whether
+/// the request was charged. The decision itself is worked out by the caller, after the shard
+/// guard is released, from those (it is a pure function of them), so the guard is held for as
+/// few instructions as possible.
 #[inline]
-fn charge(tat: &AtomicU64, now: u64, quota: &crate::Quota, cost: u32) -> Decision {
+fn charge(tat: &AtomicU64, now: u64, quota: &crate::Quota, cost: u32) -> (u64, bool) {
     let mut current = tat.load(Ordering::Acquire);
     loop {
-        let step = gcra::step(current, now, quota, cost);
-        let Some(new_tat) = step.write else {
-            return step.decision;
+        let Some(new_tat) = gcra::step(current, now, quota, cost).write else {
+            return (current, false);
         };
         match tat.compare_exchange_weak(current, new_tat, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return step.decision,
+            Ok(_) => return (current, true),
             Err(actual) => current = actual,
         }
     }
@@ -238,9 +251,9 @@ impl<C> Inner<C> {
     /// The maps of `policy`'s own slot (claiming a free one for a new policy), or `None` when
     /// every slot belongs to another policy.
     #[inline]
-    fn slot(&self, policy: &Policy) -> Option<&Maps> {
+    fn slot(&self, policy: &Policy) -> Option<(u8, &Maps)> {
         let name = policy.name_arc();
-        for slot in &self.slots {
+        for (index, slot) in (0u8..).zip(&self.slots) {
             let taken = match slot.get() {
                 Some(taken) => taken,
                 None => slot.get_or_init(|| PolicySlot {
@@ -249,7 +262,7 @@ impl<C> Inner<C> {
                 }),
             };
             if Arc::ptr_eq(&taken.name, name) || *taken.name == **name {
-                return Some(&taken.maps);
+                return Some((index, &taken.maps));
             }
         }
         None
@@ -262,15 +275,44 @@ impl<C> Inner<C> {
             .chain(std::iter::once(&self.overflow))
     }
 
-    /// One decision against `maps`, where the client's entry is spelled `stored`.
+    /// One decision against `maps`, where the client's entry is spelled `stored`; `slot` is
+    /// the policy's own slot (`None` for the overflow maps).
     #[inline]
-    fn decide(&self, maps: &Maps, stored: &[u8], now: u64, policy: &Policy, cost: u32) -> Decision {
+    fn decide(
+        &self,
+        maps: &Maps,
+        slot: Option<u8>,
+        stored: &[u8],
+        now: u64,
+        policy: &Policy,
+        cost: u32,
+    ) -> Decision {
         if policy.quotas().len() > 1 {
             return self.decide_multi(maps, stored, now, policy, cost);
         }
         let quota = policy.quota();
-        if let Some(tat) = maps.map.get(stored) {
-            return charge(&tat, now, quota, cost);
+        let probe = slot.map(|slot| (slot, self.frozen.get(slot, stored, now)));
+        if let Some((_, probe)) = &probe
+            && let Some(tat) = probe.tat
+            && frozen::is_frozen(tat, now, quota)
+        {
+            // Exactly what the map holds: a frozen state cannot have changed.
+            return gcra::step(tat, now, quota, cost).decision;
+        }
+        let epoch = self.frozen.epoch();
+        let found = maps
+            .map
+            .get(stored)
+            .map(|tat| charge(&tat, now, quota, cost));
+        if let Some((current, charged)) = found {
+            if !charged
+                && let Some((slot, probe)) = &probe
+                && frozen::is_frozen(current, now, quota)
+            {
+                self.frozen
+                    .remember(probe, *slot, stored, current, now, epoch);
+            }
+            return gcra::step(current, now, quota, cost).decision;
         }
         // A new key: decide against empty state first, so that denials and peeks insert nothing.
         let fresh = gcra::step(0, now, quota, cost);
@@ -278,7 +320,7 @@ impl<C> Inner<C> {
             return fresh.decision;
         }
         self.make_room(now);
-        let decision = {
+        let (current, _) = {
             let tat = maps
                 .map
                 .entry(StoredKey::new(stored))
@@ -286,7 +328,7 @@ impl<C> Inner<C> {
             charge(&tat, now, quota, cost)
         };
         self.after_insert(now);
-        decision
+        gcra::step(current, now, quota, cost).decision
     }
 
     /// One atomic decision over every quota of a multi-quota policy.
@@ -367,6 +409,8 @@ impl<C> Inner<C> {
                     maps.multi.retain(|_, tats| latest(tats) > threshold);
                 }
             }
+            // Entries are gone: no thread may keep a copy of one (cheap, sweeps are rare).
+            self.frozen.invalidate();
             self.all_maps().map(Maps::len).sum()
         });
     }
@@ -502,5 +546,105 @@ mod tests {
             s.check_now(&p, &Key::from(1_000_000 + i), 1);
         }
         assert!(s.len() <= MIN_SWEEP_INTERVAL, "len {}", s.len());
+    }
+
+    proptest::proptest! {
+        /// With the per-thread copies of frozen states in play, every decision is still the
+        /// one the GCRA gives on the true state: a model map of TATs, stepped alike.
+        #[test]
+        fn frozen_copies_decide_exactly_as_the_map(
+            capacity in 1u32..4,
+            ops in proptest::collection::vec((0u8..3, 0u32..4, 0u64..120, 0u8..12), 1..300),
+        ) {
+            let (s, clock) = store(1_000);
+            let quota = Quota::new(10, Duration::from_secs(1))
+                .unwrap()
+                .with_capacity(capacity)
+                .unwrap();
+            let p = Policy::new("p", quota).unwrap();
+            let mut model = std::collections::HashMap::<u8, u64>::new();
+            for (key, cost, advance_ms, action) in ops {
+                clock.advance(Duration::from_millis(advance_ms));
+                let k = Key::from(format!("client-{key}"));
+                if action == 0 {
+                    s.remove(&p, &k);
+                    model.remove(&key);
+                    continue;
+                }
+                let now = clock.now_micros();
+                let expected = gcra::step(model.get(&key).copied().unwrap_or(0), now, &quota, cost);
+                if let Some(tat) = expected.write {
+                    model.insert(key, tat);
+                }
+                proptest::prop_assert_eq!(s.check_now(&p, &k, cost), expected.decision);
+            }
+        }
+    }
+
+    #[test]
+    fn a_reset_voids_every_threads_copy() {
+        let (s, _) = store(1_000);
+        let p = Policy::new("p", Quota::per_hour(1).unwrap()).unwrap();
+        let k = Key::from("flooder");
+        assert!(s.check_now(&p, &k, 1).is_allowed());
+        // Each thread sees the frozen state twice: once from the map, once from its copy.
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    for _ in 0..2 {
+                        assert!(!s.check_now(&p, &k, 1).is_allowed());
+                    }
+                });
+            }
+        });
+        assert!(!s.check_now(&p, &k, 1).is_allowed());
+        assert!(!s.check_now(&p, &k, 1).is_allowed());
+        s.remove(&p, &k);
+        assert!(
+            s.check_now(&p, &k, 1).is_allowed(),
+            "served from a stale copy"
+        );
+        // A store of its own never answers from another store's copies.
+        let (other, _) = store(1_000);
+        assert!(other.check_now(&p, &k, 1).is_allowed());
+    }
+
+    #[test]
+    fn an_eviction_voids_the_copies_of_what_it_evicted() {
+        let (s, clock) = store(64);
+        let p = Policy::new("p", "1000/h;capacity=1000".parse().unwrap()).unwrap();
+        // Frozen for a second, but the closest to fresh of all entries: the first evicted.
+        let light = Policy::new("light", Quota::per_second(1).unwrap()).unwrap();
+        let k = Key::from("light");
+        assert!(s.check_now(&light, &k, 1).is_allowed());
+        assert!(!s.check_now(&light, &k, 1).is_allowed());
+        assert!(!s.check_now(&light, &k, 1).is_allowed()); // from this thread's copy
+        // Fill the store with heavier entries (21.6 s of debt each) within 200 ms, so that the
+        // light one is evicted while it is still frozen.
+        for i in 0..200u64 {
+            for _ in 0..=5 {
+                s.check_now(&p, &Key::from(i), 1);
+            }
+            clock.advance(Duration::from_millis(1));
+        }
+        assert!(s.len() < 64);
+        assert!(
+            s.check_now(&light, &k, 1).is_allowed(),
+            "evicted, so fresh again, not denied from a copy"
+        );
+    }
+
+    #[test]
+    fn a_clock_that_goes_back_never_uses_a_copy_from_its_future() {
+        let (s, clock) = store(1_000);
+        let p = Policy::new("p", Quota::per_second(1).unwrap()).unwrap();
+        let k = Key::from("k");
+        assert!(s.check_now(&p, &k, 1).is_allowed());
+        clock.advance(Duration::from_millis(500));
+        let d = s.check_now(&p, &k, 1); // remembered at +500 ms
+        assert_eq!(d.retry_after(), Some(Duration::from_millis(500)));
+        clock.rewind(Duration::from_millis(400));
+        let earlier = s.check_now(&p, &k, 1);
+        assert_eq!(earlier.retry_after(), Some(Duration::from_millis(900)));
     }
 }

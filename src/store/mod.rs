@@ -7,6 +7,7 @@
 
 pub mod breaker;
 pub mod deny_cache;
+mod frozen;
 mod keyspace;
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
