@@ -4,7 +4,7 @@
 //! so NTP steps and daylight-saving changes cannot admit extra requests.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A source of "now" for a store, in microseconds since an epoch of the clock's choosing.
@@ -14,6 +14,13 @@ pub trait Clock: Send + Sync + 'static {
     /// The current time in microseconds. Should not go backwards; if it does, the GCRA stays
     /// safe (it never admits extra requests), it only stops refilling until time catches up.
     fn now_micros(&self) -> u64;
+
+    /// Whether the clock has never gone backwards. While it holds, a
+    /// [`MemoryStore`](crate::MemoryStore) may answer a flooding client from per-thread copies
+    /// of its denied state; a clock that might step back should keep the default, `false`.
+    fn is_monotonic(&self) -> bool {
+        false
+    }
 }
 
 /// The system's monotonic clock, counted from the moment this clock was created.
@@ -52,6 +59,10 @@ impl Clock for MonotonicClock {
         let nanos = self.clock.delta_as_nanos(self.start, self.clock.raw());
         (nanos / 1_000).saturating_add(EPOCH_OFFSET_MICROS)
     }
+
+    fn is_monotonic(&self) -> bool {
+        true
+    }
 }
 
 /// A clock that only moves when told to: for deterministic tests of limits and refills.
@@ -70,6 +81,8 @@ impl Clock for MonotonicClock {
 #[derive(Debug, Clone)]
 pub struct ManualClock {
     now: Arc<AtomicU64>,
+    /// Set once the clock was ever moved backwards.
+    went_back: Arc<AtomicBool>,
 }
 
 impl ManualClock {
@@ -77,6 +90,7 @@ impl ManualClock {
     pub fn new() -> Self {
         Self {
             now: Arc::new(AtomicU64::new(EPOCH_OFFSET_MICROS)),
+            went_back: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -92,6 +106,7 @@ impl ManualClock {
 
     /// Moves the clock backwards by `by` (as a badly behaved clock might), stopping at 1 µs.
     pub fn rewind(&self, by: Duration) {
+        self.went_back.store(true, Ordering::SeqCst);
         let micros = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
         let _ = self
             .now
@@ -104,8 +119,11 @@ impl ManualClock {
     /// returns it to where [`ManualClock::new`] started.
     pub fn set(&self, at: Duration) {
         let micros = u64::try_from(at.as_micros()).unwrap_or(u64::MAX);
-        self.now
-            .store(micros.saturating_add(EPOCH_OFFSET_MICROS), Ordering::SeqCst);
+        let at = micros.saturating_add(EPOCH_OFFSET_MICROS);
+        if at < self.now.load(Ordering::SeqCst) {
+            self.went_back.store(true, Ordering::SeqCst);
+        }
+        self.now.store(at, Ordering::SeqCst);
     }
 }
 
@@ -119,10 +137,19 @@ impl Clock for ManualClock {
     fn now_micros(&self) -> u64 {
         self.now.load(Ordering::SeqCst)
     }
+
+    /// True until the clock is first moved backwards.
+    fn is_monotonic(&self) -> bool {
+        !self.went_back.load(Ordering::Relaxed)
+    }
 }
 
 impl<C: Clock> Clock for Arc<C> {
     fn now_micros(&self) -> u64 {
         (**self).now_micros()
+    }
+
+    fn is_monotonic(&self) -> bool {
+        (**self).is_monotonic()
     }
 }

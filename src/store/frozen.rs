@@ -2,38 +2,55 @@
 //! client that floods it from several cores without those cores writing one shared cache line.
 //!
 //! A key's state is *frozen* while even a request of cost 1 would be denied: `tat - now` is
-//! above `tolerance - T`. Nothing can change a frozen state (a denial writes nothing, and no
-//! request can be admitted until it thaws), except removing the entry (reset, eviction). So a
-//! thread that saw the TAT of a frozen state can decide the next requests of that key from its
-//! own copy, with exactly the result the map would give, until the state thaws by the clock or
-//! an epoch bump says entries were removed. Each thread keeps a small direct-mapped table
-//! (32 entries, under 2 KiB); stores are told apart by a process-unique id.
+//! above `tolerance - T`. With a clock that never goes back, nothing can change a frozen state
+//! (a denial writes nothing, and no request can be admitted until it thaws) except removing
+//! the entry (reset, sweep, eviction). So a thread that saw the TAT of a frozen state can decide
+//! the next requests of that key from its own copy, with exactly the result the map would give,
+//! until the state thaws by the clock or a removal begins. Removals are bracketed by two
+//! counters: a copy is only made while no removal is in flight, and it is void once another
+//! removal has begun. Each thread keeps a small direct-mapped table (32 entries of 72 bytes);
+//! stores are told apart by a process-unique id. (Two policies sharing one name but not one
+//! quota share one state, and such copies may then report stale numbers: give each quota its
+//! own policy name.)
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::quota::Quota;
 
-/// Keys up to this long are remembered (IPv4 and IPv6 texts, typical API keys).
-const MAX_KEY: usize = 22;
-/// Entries per thread (a power of two): 32 × 56 bytes, few enough cache lines to stay hot while
-/// the thread also walks a large map.
+/// Keys up to this long are remembered: IPv4 and grouped IPv6 addresses, most API keys (as
+/// long as a [`Key`](crate::Key) kept inline).
+const MAX_KEY: usize = 38;
+/// Entries per thread (a power of two): few enough cache lines to stay hot while the thread
+/// also walks a large map.
 const ENTRIES: usize = 32;
 
 /// The outcome of [`Frozen::get`]: where the key lives in this thread's table, and its
 /// remembered TAT if that still applies.
 pub(crate) struct Probe {
-    /// `None` when this thread never remembered anything (nothing was hashed).
+    /// `None` when nothing was hashed: this thread never remembered anything, or the key is too
+    /// long to remember.
     at: Option<usize>,
     pub(crate) tat: Option<u64>,
 }
 
-/// One store's side of the per-thread tables: its id and the epoch of its removals.
+/// One store's side of the per-thread tables: its id, and how many removals (resets, sweeps)
+/// have begun and finished.
 #[derive(Debug)]
-#[repr(align(128))] // alone on its cache line: read on every decision, written on removals only
+#[repr(align(128))] // alone on its cache line: read on every decision, written by removals only
 pub(crate) struct Frozen {
     id: u64,
-    epoch: AtomicU64,
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+/// A removal in progress (see [`Frozen::removal`]); finished when dropped.
+pub(crate) struct Removal<'a>(&'a Frozen);
+
+impl Drop for Removal<'_> {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -82,13 +99,17 @@ impl Frozen {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            epoch: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
         }
     }
 
-    /// Entries were removed (or may have been): every remembered state of this store is void.
-    pub(crate) fn invalidate(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+    /// Call before removing entries from the map, and keep the guard until they are removed:
+    /// from the start every remembered state of this store is void, and until the end none is
+    /// remembered.
+    pub(crate) fn removal(&self) -> Removal<'_> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        Removal(self)
     }
 
     /// Where `key` of policy `slot` is remembered on this thread, and the TAT remembered there
@@ -109,14 +130,14 @@ impl Frozen {
                 && usize::from(entry.len) == key.len()
                 && entry.key.get(..key.len()) == Some(key)
                 && now >= entry.seen
-                && entry.epoch == self.epoch.load(Ordering::Acquire);
+                && entry.epoch == self.started.load(Ordering::SeqCst);
             hit.then_some(entry.tat)
         });
         Probe { at: Some(at), tat }
     }
 
     /// Remembers, where `probe` looked, that `key` of policy `slot` had the frozen state `tat`
-    /// at `now`, read from the map at epoch `epoch` (see [`Frozen::epoch`]).
+    /// at `now`, read from the map after [`Frozen::epoch`] gave `epoch`.
     pub(crate) fn remember(
         &self,
         probe: &Probe,
@@ -126,9 +147,6 @@ impl Frozen {
         now: u64,
         epoch: u64,
     ) {
-        let Ok(len) = u8::try_from(key.len()) else {
-            return;
-        };
         if key.len() > MAX_KEY {
             return;
         }
@@ -138,7 +156,7 @@ impl Frozen {
             tat,
             seen: now,
             slot,
-            len,
+            len: key.len() as u8, // at most MAX_KEY
             key: [0; MAX_KEY],
         };
         if let Some(bytes) = entry.key.get_mut(..key.len()) {
@@ -153,11 +171,13 @@ impl Frozen {
         USED.with(|used| used.set(true));
     }
 
-    /// The current epoch: read it before looking a key up in the map, and remember a state
-    /// under it, so that a removal racing with the lookup voids what was read.
+    /// Read before looking a key up in the map, to remember what it finds under: `None` while a
+    /// removal is in flight (nothing may be remembered then). A removal that begins after this
+    /// read voids the copy.
     #[inline]
-    pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+    pub(crate) fn epoch(&self) -> Option<u64> {
+        let started = self.started.load(Ordering::SeqCst);
+        (self.finished.load(Ordering::SeqCst) == started).then_some(started)
     }
 }
 
@@ -173,7 +193,7 @@ fn index(store: u64, slot: u8, key: &[u8]) -> usize {
         }
         h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
     }
-    (h >> 58) as usize % ENTRIES
+    (h >> (64 - ENTRIES.trailing_zeros())) as usize
 }
 
 #[cfg(test)]
@@ -207,8 +227,10 @@ mod tests {
         let a = Frozen::new();
         let b = Frozen::new();
         let now = 1_000;
-        let remember = |f: &Frozen, key: &[u8], tat, epoch| {
-            f.remember(&f.get(0, key, now), 0, key, tat, now, epoch);
+        let remember = |f: &Frozen, key: &[u8], tat, epoch: Option<u64>| {
+            if let Some(epoch) = epoch {
+                f.remember(&f.get(0, key, now), 0, key, tat, now, epoch);
+            }
         };
         assert_eq!(a.get(0, b"k", now).tat, None);
         remember(&a, b"k", 42, a.epoch());
@@ -222,13 +244,20 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| assert_eq!(a.get(0, b"k", now).tat, None));
         });
-        a.invalidate();
-        assert_eq!(a.get(0, b"k", now).tat, None, "voided by a removal");
-        // Read before a removal, remembered after it: void from the start.
+        let removal = a.removal();
+        assert_eq!(a.get(0, b"k", now).tat, None, "void once a removal begins");
+        assert_eq!(a.epoch(), None, "nothing is remembered during a removal");
+        drop(removal);
+        assert_eq!(a.get(0, b"k", now).tat, None, "and after it");
+        // Read before a removal, remembered after it began: void from the start.
         let stale = a.epoch();
-        a.invalidate();
+        let removal = a.removal();
         remember(&a, b"k", 7, stale);
         assert_eq!(a.get(0, b"k", now).tat, None);
+        drop(removal);
+        assert_eq!(a.get(0, b"k", now).tat, None);
+        remember(&a, b"k", 8, a.epoch());
+        assert_eq!(a.get(0, b"k", now).tat, Some(8));
         // Too long to remember.
         let long = [b'x'; MAX_KEY + 1];
         remember(&a, &long, 9, a.epoch());

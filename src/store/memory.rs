@@ -1,19 +1,20 @@
 //! [`MemoryStore`]: one process's limits in a sharded hash map of atomic timestamps.
 //!
 //! Each (policy, key) maps to one `AtomicU64` holding its TAT in microseconds. A decision takes
-//! a shard read guard and runs a compare-and-swap loop on that one atomic: no mutex, no
-//! allocation for a known key, and a denial writes nothing. Only a new key takes a shard's
-//! write lock, once.
+//! a shard read guard and runs a compare-and-swap loop on that one atomic (unless it is answered
+//! from a frozen copy, below): no mutex, no allocation for a known key, and a denial writes
+//! nothing. Only a new key takes a shard's write lock, once.
 //!
 //! The map is bounded: past `max_keys` entries, states that are already fresh (their TAT has
 //! passed, so forgetting them changes no decision) are swept, then the entries closest to fresh
 //! are evicted. Expired entries are also swept automatically as new keys arrive (amortised O(1)
 //! per insert), so no cleanup task is needed.
 //!
-//! A client denied even a request of cost 1 has a *frozen* state: nothing can change it until
-//! the clock thaws it (see `frozen.rs`). Each thread remembers the frozen states it saw, so a
-//! flood from one client is denied from core-local memory, with the same result the map would
-//! give, and the cores serving it write no shared cache line.
+//! A client denied even a request of cost 1 has a *frozen* state: with a clock that never goes
+//! back ([`Clock::is_monotonic`]), nothing but a removal can change it until the clock thaws it
+//! (see `frozen.rs`). Each thread remembers the frozen states it saw, so a flood from one client
+//! is denied from core-local memory, with the same result the map would give, and the cores
+//! serving it write no shared cache line. Resets and sweeps void every copy.
 
 use std::future::{Ready, ready};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +74,8 @@ struct Inner<C> {
 
 /// How many policies get maps of their own; more are served by the shared overflow maps.
 const POLICY_SLOTS: usize = 32;
+// Slots are numbered with a `u8`.
+const _: () = assert!(POLICY_SLOTS <= u8::MAX as usize);
 
 struct PolicySlot {
     name: Arc<str>,
@@ -188,7 +191,11 @@ impl<C: Clock> MemoryStore<C> {
         let inner = &*self.inner;
         let now = inner.clock.now_micros();
         match inner.slot(policy) {
-            Some((slot, maps)) => inner.decide(maps, Some(slot), key.as_bytes(), now, policy, cost),
+            Some((slot, maps)) => {
+                // Frozen copies only on a clock that never goes back (see the module docs).
+                let slot = inner.clock.is_monotonic().then_some(slot);
+                inner.decide(maps, slot, key.as_bytes(), now, policy, cost)
+            }
             None => {
                 let mut buf = [0u8; MAX_COMPOSED];
                 let composed = compose(&mut buf, policy, key);
@@ -215,10 +222,10 @@ impl<C: Clock> MemoryStore<C> {
             Some((_, maps)) => (maps, key.as_bytes()),
             None => (&inner.overflow, compose(&mut buf, policy, key)),
         };
+        // Every thread's copies of this store's states are void from here on.
+        let _removal = inner.frozen.removal();
         maps.map.remove(stored);
         maps.multi.remove(stored);
-        // After the removal: a thread that read the old state before it must not keep it.
-        inner.frozen.invalidate();
     }
 
     /// Removes every state that is already fresh (its TAT has passed). This runs automatically;
@@ -230,9 +237,8 @@ impl<C: Clock> MemoryStore<C> {
 }
 
 /// The compare-and-swap loop on one key's TAT: the TAT the decision was made on, and whether
-/// the request was charged. The decision itself is worked out by the caller, after the shard
-/// guard is released, from those (it is a pure function of them), so the guard is held for as
-/// few instructions as possible.
+/// the request was charged. The caller works the decision out from those (it is a pure
+/// function of them) after the shard guard is released; only the new TAT is needed under it.
 #[inline]
 fn charge(tat: &AtomicU64, now: u64, quota: &crate::Quota, cost: u32) -> (u64, bool) {
     let mut current = tat.load(Ordering::Acquire);
@@ -276,7 +282,8 @@ impl<C> Inner<C> {
     }
 
     /// One decision against `maps`, where the client's entry is spelled `stored`; `slot` is
-    /// the policy's own slot (`None` for the overflow maps).
+    /// the policy's own slot, under which frozen states are remembered (`None` for the overflow
+    /// maps, or when the clock might go back: no copies then).
     #[inline]
     fn decide(
         &self,
@@ -299,14 +306,14 @@ impl<C> Inner<C> {
             // Exactly what the map holds: a frozen state cannot have changed.
             return gcra::step(tat, now, quota, cost).decision;
         }
-        let epoch = self.frozen.epoch();
+        let epoch = probe.as_ref().and_then(|_| self.frozen.epoch());
         let found = maps
             .map
             .get(stored)
             .map(|tat| charge(&tat, now, quota, cost));
         if let Some((current, charged)) = found {
             if !charged
-                && let Some((slot, probe)) = &probe
+                && let (Some((slot, probe)), Some(epoch)) = (&probe, epoch)
                 && frozen::is_frozen(current, now, quota)
             {
                 self.frozen
@@ -390,6 +397,7 @@ impl<C> Inner<C> {
     fn sweep(&self, now: u64) {
         let latest = |tats: &[u64]| tats.iter().copied().max().unwrap_or(0);
         self.bound.sweep(|| {
+            let _removal = self.frozen.removal();
             for maps in self.all_maps() {
                 maps.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
                 maps.multi.retain(|_, tats| latest(tats) > now);
@@ -409,8 +417,6 @@ impl<C> Inner<C> {
                     maps.multi.retain(|_, tats| latest(tats) > threshold);
                 }
             }
-            // Entries are gone: no thread may keep a copy of one (cheap, sweeps are rare).
-            self.frozen.invalidate();
             self.all_maps().map(Maps::len).sum()
         });
     }
@@ -646,5 +652,22 @@ mod tests {
         clock.rewind(Duration::from_millis(400));
         let earlier = s.check_now(&p, &k, 1);
         assert_eq!(earlier.retry_after(), Some(Duration::from_millis(900)));
+    }
+
+    #[test]
+    fn a_clock_rewound_after_a_thaw_decides_from_the_map() {
+        let (s, clock) = store(1_000);
+        let p = Policy::new("p", Quota::per_second(1).unwrap()).unwrap();
+        let k = Key::from("k");
+        assert!(s.check_now(&p, &k, 1).is_allowed());
+        assert!(!s.check_now(&p, &k, 1).is_allowed()); // frozen: remembered
+        clock.advance(Duration::from_secs(1));
+        assert!(s.check_now(&p, &k, 1).is_allowed()); // thawed: the map moves on
+        clock.rewind(Duration::from_millis(500));
+        // The old copy would say 0.5 s; the map says 1.5 s.
+        assert_eq!(
+            s.check_now(&p, &k, 1).retry_after(),
+            Some(Duration::from_millis(1500))
+        );
     }
 }
