@@ -64,14 +64,14 @@ pin_project! {
 
 impl<S, St, K, ReqBody, ResBody> ResponseFuture<S, St, K, ReqBody, ResBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     St: Store,
 {
     /// The store answered at once (see [`Store::check_ready`]): decide now, so the request goes
-    /// straight to the inner service without waiting in this future.
+    /// straight to the inner service (`inner`, polled ready) without waiting in this future.
     pub(crate) fn decided(
         result: Result<Decision, StoreError>,
-        inner: S,
+        inner: &mut S,
         req: Request<ReqBody>,
         key: &Key,
         cost: u32,
@@ -110,26 +110,29 @@ where
     }
 }
 
-/// What follows a decision: the rejection, a delay, or the call to the inner service.
+/// What follows a decision: the rejection, a delay, or the call to the inner service
+/// (`inner`, which was polled ready: called here, or moved into the delay in exchange for a
+/// clone, so that the instance called is always the ready one).
 fn next_state<S, St, K, ReqBody, ResBody>(
     shared: &Shared<St, K>,
     result: Result<Decision, StoreError>,
-    mut inner: S,
+    inner: &mut S,
     mut req: Request<ReqBody>,
     key: &Key,
     cost: u32,
 ) -> State<St::Future, S, ReqBody, S::Future, ResBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     St: Store,
 {
     match shared.verdict(result, key, cost) {
         Verdict::Pass { decision, headers } => {
             req.extensions_mut().insert(decision.clone());
             if headers && let Some(delay) = shared.delay_for(&decision, key) {
+                let ready = std::mem::replace(inner, inner.clone());
                 return State::Delaying {
                     sleep: tokio::time::sleep(delay),
-                    pending: Some((inner, req, decision)),
+                    pending: Some((ready, req, decision)),
                 };
             }
             State::Calling {
@@ -145,7 +148,7 @@ where
 
 impl<S, St, K, ReqBody, ResBody> Future for ResponseFuture<S, St, K, ReqBody, ResBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     St: Store,
 {
     type Output = Result<Response<RateLimitBody<ResBody>>, S::Error>;
@@ -162,8 +165,8 @@ where
                     let result = ready!(check.poll(cx));
                     let cost = *cost;
                     let next = match pending.take() {
-                        Some((inner, req, key)) => {
-                            next_state(this.shared, result, inner, req, &key, cost)
+                        Some((mut inner, req, key)) => {
+                            next_state(this.shared, result, &mut inner, req, &key, cost)
                         }
                         None => State::Done,
                     };

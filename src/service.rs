@@ -67,9 +67,6 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // The future owns the instance that was polled ready; this one keeps a fresh clone.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = &self.shared;
         let (parts, body) = req.into_parts();
         let key = if shared.skip.as_ref().is_some_and(|skip| skip(&parts)) {
@@ -79,14 +76,26 @@ where
         };
         let Some(key) = key else {
             shared.count_unlimited();
-            let fut = inner.call(Request::from_parts(parts, body));
+            let fut = self.inner.call(Request::from_parts(parts, body));
             return ResponseFuture::unlimited(fut, Arc::clone(shared));
         };
         let cost = shared.cost.as_ref().map_or(1, |cost| cost(&parts));
         if let Some(result) = shared.store.check_ready(&shared.policy, &key, cost) {
+            // Decided at once: the instance that was polled ready is called right here (or
+            // handed to the future only if the request must wait), so nothing is cloned.
             let req = Request::from_parts(parts, body);
-            return ResponseFuture::decided(result, inner, req, &key, cost, Arc::clone(shared));
+            return ResponseFuture::decided(
+                result,
+                &mut self.inner,
+                req,
+                &key,
+                cost,
+                Arc::clone(shared),
+            );
         }
+        // The future owns the instance that was polled ready; this one keeps a fresh clone.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
         let check = shared.store.check(&shared.policy, &key, cost);
         ResponseFuture::checking(
             check,

@@ -765,6 +765,110 @@ async fn works_on_a_plain_tower_service() {
     assert_eq!(res.headers()["retry-after"], "3600");
 }
 
+/// A service that must be polled ready before each call, on the instance called: a clone starts
+/// unready, and a call on an unready instance fails.
+#[derive(Default)]
+struct MustBeReady {
+    ready: bool,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Clone for MustBeReady {
+    fn clone(&self) -> Self {
+        Self {
+            ready: false,
+            calls: Arc::clone(&self.calls),
+        }
+    }
+}
+
+impl tower::Service<http::Request<()>> for MustBeReady {
+    type Response = http::Response<String>;
+    type Error = &'static str;
+    type Future = Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.ready = true;
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<()>) -> Self::Future {
+        if !std::mem::take(&mut self.ready) {
+            return ready(Err("called without being polled ready"));
+        }
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        ready(Ok(http::Response::new("served".to_owned())))
+    }
+}
+
+/// Tower's contract: the instance the layer calls is the one polled ready, whether the decision
+/// is made at once (memory store), after a delay, or after the store's future (here, a failing
+/// store that the fail mode answers).
+#[tokio::test]
+async fn the_inner_service_called_is_the_one_polled_ready() {
+    use tower::{Service, ServiceExt};
+
+    let (store, _clock) = manual_store();
+    let layers = [
+        // Admits 2, then denies: the sync path, allowed and denied.
+        RateLimitLayer::builder("2/h".parse().unwrap())
+            .store(store.clone())
+            .key(Global)
+            .policy("sync")
+            .build()
+            .unwrap(),
+        // Delays every request after the first (1 ms apart on a manual clock that never moves:
+        // each is due at once, but goes through the delay state).
+        RateLimitLayer::builder("1000/s;capacity=5".parse().unwrap())
+            .store(store)
+            .key(Global)
+            .policy("delayed")
+            .delay_after(1)
+            .build()
+            .unwrap(),
+    ];
+    for layer in layers {
+        let inner = MustBeReady::default();
+        let calls = Arc::clone(&inner.calls);
+        let mut svc = tower::ServiceBuilder::new().layer(layer).service(inner);
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            let res = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(http::Request::new(()))
+                .await;
+            statuses.push(res.expect("the inner service was called unready").status());
+        }
+        let served = statuses.iter().filter(|s| s.is_success()).count();
+        assert!(served >= 2, "{statuses:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), served);
+    }
+    let failing = RateLimitLayer::builder("2/h".parse().unwrap())
+        .store(FailingStore::default())
+        .key(Global)
+        .fail_mode(FailMode::Open)
+        .build()
+        .unwrap();
+    let inner = MustBeReady::default();
+    let calls = Arc::clone(&inner.calls);
+    let mut svc = tower::ServiceBuilder::new().layer(failing).service(inner);
+    for _ in 0..3 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await;
+        assert_eq!(res.expect("called unready").status(), 200);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
 /// The axum hello world with a POST body: the body reaches the handler untouched.
 #[tokio::test]
 async fn request_bodies_pass_through() {
