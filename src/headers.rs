@@ -273,7 +273,8 @@ const fn small_ints() -> [u8; SMALL_INTS_LEN] {
     out
 }
 
-/// `n` (clamped to 15 digits) as a header value; below 1000 without allocating.
+/// `n` (clamped to 15 digits) as a header value; below 1000 without allocating, above in one
+/// allocation of exactly its digits.
 pub(crate) fn int_value(n: u64) -> HeaderValue {
     let n = n.min(SF_INTEGER_MAX);
     if let Ok(small) = usize::try_from(n)
@@ -291,7 +292,8 @@ pub(crate) fn int_value(n: u64) -> HeaderValue {
             return HeaderValue::from_static(text);
         }
     }
-    HeaderValue::from(n)
+    // Digits only, so this cannot fail; one exact-size allocation (`From<u64>` makes two).
+    HeaderValue::from_str(itoa::Buffer::new().format(n)).unwrap_or_else(|_| HeaderValue::from(n))
 }
 
 /// Puts `member` first in the list field `name`, joining every existing line into one list,

@@ -93,8 +93,6 @@ impl Rejection {
         };
         let mut res = Response::new(RateLimitBody::rejection(body));
         *res.status_mut() = self.status;
-        // Room for every field a rejection carries, so inserting them never regrows the map.
-        *res.headers_mut() = http::HeaderMap::with_capacity(8);
         if let Some(ct) = content_type {
             res.headers_mut().insert(header::CONTENT_TYPE, ct);
         }
