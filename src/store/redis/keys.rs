@@ -1,6 +1,8 @@
 //! The Redis key layout: `<prefix>:{<tag>}:<policy>`, where the tag is the unpadded base64url
 //! SHA-256 of the client key's bytes. No client text ever reaches Redis.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 
 use crate::key::Key;
@@ -14,8 +16,6 @@ pub(super) const MAX_PREFIX_LEN: usize = 64;
 
 /// The longest Redis key: prefix, `:{`, tag, `}:`, policy name, `#<quota index>`.
 pub(super) const MAX_KEY_LEN: usize = MAX_PREFIX_LEN + 2 + TAG_LEN + 2 + Policy::MAX_NAME_LEN + 2;
-
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// `Ok(())` when `prefix` can start every key: 1 to 64 printable ASCII characters without
 /// braces (a `{` in the prefix would become the cluster hash tag) or spaces.
@@ -41,23 +41,9 @@ pub(super) fn check_prefix(prefix: &str) -> Result<(), String> {
 pub(super) fn tag(key: &Key) -> [u8; TAG_LEN] {
     let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
     let mut out = [0u8; TAG_LEN];
-    let mut o = 0;
-    for chunk in digest.chunks(3) {
-        let b0 = chunk[0];
-        let b1 = chunk.get(1).copied().unwrap_or(0);
-        let b2 = chunk.get(2).copied().unwrap_or(0);
-        let sextets = [
-            b0 >> 2,
-            (b0 & 3) << 4 | b1 >> 4,
-            (b1 & 15) << 2 | b2 >> 6,
-            b2 & 63,
-        ];
-        // A 3-byte chunk gives 4 characters, the final 2-byte chunk 3.
-        for s in sextets.iter().take(chunk.len() + 1) {
-            out[o] = ALPHABET[usize::from(*s)];
-            o += 1;
-        }
-    }
+    // 32 bytes are exactly TAG_LEN characters, so the buffer always fits.
+    let written = URL_SAFE_NO_PAD.encode_slice(digest, &mut out);
+    debug_assert_eq!(written.ok(), Some(TAG_LEN));
     out
 }
 
