@@ -1,7 +1,10 @@
 //! The layer's cost per request inside one process (no sockets): an axum hello-world router
 //! called through `tower::ServiceExt::oneshot`, with no limiter, with a MemoryStore layer that
-//! admits everything, and with one that denies everything, in one criterion group; then the
-//! same with two threads calling at once.
+//! admits everything (with and without rate-limit fields on its responses), and with one that
+//! denies everything, in one criterion group; then the same with two threads calling at once.
+//! Beside them, two reference layers that decide nothing (`benches/support/reference.rs`):
+//! `passthrough` only wraps the response body, `floor` also adds a request extension and two
+//! fixed fields, the least any layer pays to give what tollgate's admitted responses carry.
 //!
 //! Run: `cargo bench --bench middleware`. For the same over real HTTP see `scripts/bench-http`.
 #![allow(missing_docs)] // criterion_group! and the harness generate undocumented items
@@ -13,6 +16,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use tollgate::key::{ClientIp, PeerAddr};
 use tollgate::{Quota, RateLimitLayer};
 use tower::ServiceExt;
+
+#[path = "support/reference.rs"]
+mod reference;
 
 fn request() -> http::Request<Body> {
     request_from(7)
@@ -49,8 +55,21 @@ fn bench(c: &mut Criterion) {
             hello().layer(RateLimitLayer::new(denied, ClientIp::new())),
         ),
     ];
+    let without_fields = RateLimitLayer::builder(allowed)
+        .key(ClientIp::new())
+        .headers_on_allowed(false)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let references = [
+        (
+            "reference: passthrough",
+            hello().layer(reference::passthrough()),
+        ),
+        ("reference: floor", hello().layer(reference::floor())),
+        ("allowed, no fields", hello().layer(without_fields)),
+    ];
     let mut group = c.benchmark_group("axum hello world, in process");
-    for (name, app) in apps.clone() {
+    for (name, app) in apps.iter().chain(&references).cloned() {
         group.bench_function(name, |b| {
             b.iter(|| {
                 let app = app.clone();

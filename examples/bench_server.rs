@@ -15,19 +15,14 @@
 //! cargo run --release --example bench_server -- --mode allowed --listen 127.0.0.1:3001
 //! ```
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use axum::body::Body;
 use axum::{Router, routing::get};
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
-use http_body_util::{Either, Full};
 use tollgate::key::ClientIp;
 use tollgate::{Quota, RateLimitLayer};
-use tower::util::MapResponseLayer;
+
+#[path = "../benches/support/reference.rs"]
+mod reference;
 
 fn main() {
     let mut mode = "none".to_owned();
@@ -71,8 +66,8 @@ fn main() {
                     .unwrap_or_else(|e| fail(&format!("{e}"))),
             ),
             "denied" => hello.layer(RateLimitLayer::new(denied, ClientIp::new())),
-            "passthrough" => hello.layer(MapResponseLayer::new(wrap_body)),
-            "floor" => hello.layer(tower::layer::layer_fn(|inner| Floor { inner })),
+            "passthrough" => hello.layer(reference::passthrough()),
+            "floor" => hello.layer(reference::floor()),
             #[cfg(feature = "redis")]
             "redis-allowed" => {
                 let store = tollgate::store::redis::RedisStore::builder(&redis_url)
@@ -97,73 +92,6 @@ fn main() {
         )
         .await;
     });
-}
-
-/// The body type of a layer that may answer with a body of its own.
-type Wrapped = Either<Body, Full<Bytes>>;
-
-fn wrap_body(res: Response<Body>) -> Response<Wrapped> {
-    res.map(Either::Left)
-}
-
-/// The `floor` layer: a value as large as a `tollgate::Decision` into the request's
-/// extensions, two fixed header fields onto the response, and the body wrapped.
-#[derive(Clone)]
-struct Floor<S> {
-    inner: S,
-}
-
-/// What `floor` puts into the extensions.
-#[derive(Clone)]
-struct FloorMarker(#[allow(dead_code)] [u64; 6]);
-
-impl<S> tower::Service<Request<Body>> for Floor<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>>,
-{
-    type Response = Response<Wrapped>;
-    type Error = S::Error;
-    type Future = FloorFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        req.extensions_mut().insert(FloorMarker([0; 6]));
-        FloorFuture {
-            inner: self.inner.call(req),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The `floor` layer's response future.
-    struct FloorFuture<F> {
-        #[pin]
-        inner: F,
-    }
-}
-
-impl<F, E> Future for FloorFuture<F>
-where
-    F: Future<Output = Result<Response<Body>, E>>,
-{
-    type Output = Result<Response<Wrapped>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut res = wrap_body(std::task::ready!(self.project().inner.poll(cx))?);
-        let headers = res.headers_mut();
-        headers.insert(
-            http::HeaderName::from_static("ratelimit-policy"),
-            HeaderValue::from_static("\"default\";q=1000000000;w=1"),
-        );
-        headers.insert(
-            http::HeaderName::from_static("ratelimit"),
-            HeaderValue::from_static("\"default\";r=999999999;t=0"),
-        );
-        Poll::Ready(Ok(res))
-    }
 }
 
 fn fail(msg: &str) -> ! {
