@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http::header::{Entry, OccupiedEntry};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::decision::Decision;
+use crate::decision::{Decision, Outcome};
 use crate::store::Policy;
 
 /// `RateLimit` (IETF draft-10).
@@ -112,6 +112,10 @@ pub(crate) struct PolicyFields {
     /// `"name";r=` per quota, where `"name"` is the policy's name, or for a policy of several
     /// quotas `"name-<quota>"` (e.g. `"api-10/s"`, `"api-1000/d"`).
     member_prefixes: Vec<Box<[u8]>>,
+    /// For a single-quota policy, the `RateLimit` member of its most frequent decision, built
+    /// once: one request admitted from a fresh state, as every request of a client well under
+    /// its limit is. Used whenever a decision's `(r, t)` match.
+    fresh_member: Option<((u64, u64), HeaderValue)>,
 }
 
 impl PolicyFields {
@@ -135,15 +139,27 @@ impl PolicyFields {
             })
             .collect::<Vec<_>>()
             .join(", ");
+        let member_prefixes: Vec<Box<[u8]>> = quoted_names
+            .iter()
+            .map(|name| format!("{name};r=").into_bytes().into_boxed_slice())
+            .collect();
+        let fresh_member = match (member_prefixes.as_slice(), quotas) {
+            ([prefix], [quota]) => {
+                let fresh = Decision::new(Outcome::Allowed, quota, quota.interval_micros(), 0);
+                let numbers = member_numbers(&fresh);
+                HeaderValue::from_maybe_shared(Bytes::from(single_member(prefix, numbers)))
+                    .ok()
+                    .map(|value| (numbers, value))
+            }
+            _ => None,
+        };
         Self {
             // Printable ASCII only: validated policy names and digits.
             policy_value: HeaderValue::from_str(&policy_member)
                 .unwrap_or_else(|_| HeaderValue::from_static("\"invalid\";q=0")),
             policy_member,
-            member_prefixes: quoted_names
-                .iter()
-                .map(|name| format!("{name};r=").into_bytes().into_boxed_slice())
-                .collect(),
+            member_prefixes,
+            fresh_member,
         }
     }
 }
@@ -163,15 +179,17 @@ pub(crate) fn apply(
             }
             Entry::Occupied(slot) => prepend_member(slot, fields.policy_member.as_bytes()),
         }
-        let member = ratelimit_member(fields, decision);
         match headers.entry(&RATELIMIT) {
             Entry::Vacant(slot) => {
                 // Printable ASCII only (validated names, digits), so this cannot fail.
-                if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(member)) {
+                if let Some(v) = member_value(fields, decision) {
                     slot.insert(v);
                 }
             }
-            Entry::Occupied(slot) => prepend_member(slot, &member),
+            Entry::Occupied(slot) => match prebuilt_member(fields, decision) {
+                Some(v) => prepend_member(slot, v.as_bytes()),
+                None => prepend_member(slot, &ratelimit_member(fields, decision)),
+            },
         }
     }
     if style.legacy() {
@@ -198,34 +216,61 @@ pub(crate) fn apply(
     }
 }
 
+/// This layer's `RateLimit` value: the prebuilt one when the decision matches it, else built.
+fn member_value(fields: &PolicyFields, decision: &Decision) -> Option<HeaderValue> {
+    match prebuilt_member(fields, decision) {
+        Some(v) => Some(v.clone()),
+        None => {
+            HeaderValue::from_maybe_shared(Bytes::from(ratelimit_member(fields, decision))).ok()
+        }
+    }
+}
+
+/// The prebuilt member, when `decision` is exactly the one it was built for.
+fn prebuilt_member<'a>(fields: &'a PolicyFields, decision: &Decision) -> Option<&'a HeaderValue> {
+    match (&fields.fresh_member, decision.per_quota()) {
+        (Some((numbers, value)), [d]) if member_numbers(d) == *numbers => Some(value),
+        _ => None,
+    }
+}
+
+/// A quota's `r` (remaining, clamped to 15 digits) and `t` (seconds until one more unit,
+/// rounded up).
+fn member_numbers(d: &Decision) -> (u64, u64) {
+    let r = u64::from(d.remaining()).min(SF_INTEGER_MAX);
+    (r, ceil_secs(d.next_available()))
+}
+
+/// `prefix` + `r;t=t` in exactly as many bytes as they take.
+fn single_member(prefix: &[u8], numbers: (u64, u64)) -> Vec<u8> {
+    let mut member = Vec::with_capacity(member_len(prefix, numbers));
+    write_member(&mut member, prefix, numbers);
+    member
+}
+
+fn member_len(prefix: &[u8], (r, t): (u64, u64)) -> usize {
+    prefix.len() + decimal_len(r) + b";t=".len() + decimal_len(t)
+}
+
+fn write_member(member: &mut Vec<u8>, prefix: &[u8], (r, t): (u64, u64)) {
+    let mut digits = itoa::Buffer::new();
+    member.extend_from_slice(prefix);
+    member.extend_from_slice(digits.format(r).as_bytes());
+    member.extend_from_slice(b";t=");
+    member.extend_from_slice(digits.format(t).as_bytes());
+}
+
 /// This layer's `RateLimit` list members, one per quota (`"name";r=R;t=T`), in exactly as many
 /// bytes as they take, so that the header value is made from them without a copy.
 fn ratelimit_member(fields: &PolicyFields, decision: &Decision) -> Vec<u8> {
-    let numbers = |d: &Decision| {
-        let r = u64::from(d.remaining()).min(SF_INTEGER_MAX);
-        (r, ceil_secs(d.next_available()))
-    };
-    let member_len = |prefix: &[u8], (r, t): (u64, u64)| {
-        prefix.len() + decimal_len(r) + b";t=".len() + decimal_len(t)
-    };
-    let write = |member: &mut Vec<u8>, prefix: &[u8], (r, t): (u64, u64)| {
-        let mut digits = itoa::Buffer::new();
-        member.extend_from_slice(prefix);
-        member.extend_from_slice(digits.format(r).as_bytes());
-        member.extend_from_slice(b";t=");
-        member.extend_from_slice(digits.format(t).as_bytes());
-    };
-    let members = fields.member_prefixes.iter().zip(decision.per_quota());
     if let ([prefix], [d]) = (fields.member_prefixes.as_slice(), decision.per_quota()) {
         // One quota, the usual case: its numbers are worked out once.
-        let pair = numbers(d);
-        let mut member = Vec::with_capacity(member_len(prefix, pair));
-        write(&mut member, prefix, pair);
-        return member;
+        return single_member(prefix, member_numbers(d));
     }
+    let members = fields.member_prefixes.iter().zip(decision.per_quota());
     let len: usize = members
         .clone()
-        .map(|(prefix, d)| member_len(prefix, numbers(d)))
+        .map(|(prefix, d)| member_len(prefix, member_numbers(d)))
         .sum::<usize>()
         + b", ".len() * decision.per_quota().len().saturating_sub(1);
     let mut member = Vec::with_capacity(len);
@@ -233,7 +278,7 @@ fn ratelimit_member(fields: &PolicyFields, decision: &Decision) -> Vec<u8> {
         if !member.is_empty() {
             member.extend_from_slice(b", ");
         }
-        write(&mut member, prefix, numbers(d));
+        write_member(&mut member, prefix, member_numbers(d));
     }
     member
 }
@@ -398,6 +443,43 @@ mod tests {
             "\"api-10/s\";r=7;t=1, \"api-1000000/d\";r=0;t=1"
         );
         assert_eq!(member.len(), member.capacity());
+    }
+
+    #[test]
+    fn the_prebuilt_member_is_exactly_the_built_one() {
+        use crate::decision::Outcome;
+        for quota in [
+            "10/s",
+            "1/d",
+            "5/m;capacity=7",
+            "1000000/s;capacity=1000000000",
+        ] {
+            let q = quota.parse::<Quota>().unwrap();
+            let fields = PolicyFields::new(&Policy::new("api", q).unwrap());
+            let tolerance = q.interval_micros() * u64::from(q.capacity());
+            let mut prebuilt = 0;
+            for used in (0..=8)
+                .map(|i| tolerance / 8 * i)
+                .chain([q.interval_micros()])
+            {
+                let d = Decision::new(Outcome::Allowed, &q, used, 0);
+                let value = member_value(&fields, &d).unwrap();
+                assert_eq!(
+                    value.as_bytes(),
+                    ratelimit_member(&fields, &d),
+                    "{quota} {used}"
+                );
+                prebuilt += usize::from(prebuilt_member(&fields, &d).is_some());
+            }
+            // A fresh client's first request (used = T) takes the prebuilt value.
+            assert!(prebuilt >= 1, "{quota}");
+        }
+        let (a, b) = (
+            "10/s".parse::<Quota>().unwrap(),
+            "100/m".parse::<Quota>().unwrap(),
+        );
+        let fields = PolicyFields::new(&Policy::multi("api", [a, b]).unwrap());
+        assert!(fields.fresh_member.is_none());
     }
 
     #[test]
