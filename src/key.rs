@@ -209,20 +209,46 @@ impl From<u64> for Key {
 
 /// `prefix` + dotted IPv4, formatted digit by digit: no `core::fmt`, no allocation.
 fn ipv4_key(prefix: &[u8], ip: std::net::Ipv4Addr) -> Key {
-    let mut text = TextBuf::<15>::new();
+    // Written straight into the inline key when it fits (always, for the built-in prefixes).
+    let mut bytes = [0u8; INLINE];
+    let Some(start) = bytes
+        .get_mut(..prefix.len())
+        .filter(|_| prefix.len() + 15 <= INLINE)
+    else {
+        let mut text = TextBuf::<15>::new();
+        write_ipv4(ip, |b| text.push(b));
+        return Key::from_parts(&[prefix, text.as_bytes()]);
+    };
+    start.copy_from_slice(prefix);
+    let mut len = prefix.len();
+    write_ipv4(ip, |b| {
+        if let Some(slot) = bytes.get_mut(len) {
+            *slot = b;
+            len += 1;
+        }
+    });
+    // len <= INLINE < 256.
+    Key(Repr::Inline {
+        len: len as u8,
+        bytes,
+    })
+}
+
+/// The dotted-decimal text of `ip`, byte by byte (at most 15).
+#[inline]
+fn write_ipv4(ip: std::net::Ipv4Addr, mut push: impl FnMut(u8)) {
     for (i, octet) in ip.octets().into_iter().enumerate() {
         if i > 0 {
-            text.push(b'.');
+            push(b'.');
         }
         if octet >= 100 {
-            text.push(b'0' + octet / 100);
+            push(b'0' + octet / 100);
         }
         if octet >= 10 {
-            text.push(b'0' + octet / 10 % 10);
+            push(b'0' + octet / 10 % 10);
         }
-        text.push(b'0' + octet % 10);
+        push(b'0' + octet % 10);
     }
-    Key::from_parts(&[prefix, text.as_bytes()])
 }
 
 /// `prefix` + an IPv6 address in its RFC 5952 text form, and `/bits` when grouped by prefix,
@@ -737,6 +763,13 @@ mod tests {
         for octet in 0..=255u8 {
             let v4 = std::net::Ipv4Addr::new(octet, 255 - octet, octet / 2, octet % 10);
             assert_eq!(Key::from(IpAddr::V4(v4)), Key::from(v4.to_string()));
+            // Behind a prefix, inline, and past the inline size.
+            assert_eq!(ipv4_key(b"ip:", v4), Key::from(format!("ip:{v4}")));
+            let long = "p".repeat(30);
+            assert_eq!(
+                ipv4_key(long.as_bytes(), v4),
+                Key::from(format!("{long}{v4}"))
+            );
         }
         for v6 in [
             Ipv6Addr::UNSPECIFIED,
