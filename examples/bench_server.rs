@@ -1,7 +1,9 @@
 //! A hello-world axum server for measuring the middleware's overhead (used by
 //! `scripts/bench-http`): `--mode none` has no limiter, `allowed` a MemoryStore layer that
 //! admits everything, `allowed-no-headers` the same without rate-limit fields on allowed
-//! responses (`headers_on_allowed(false)`, to show what the fields cost), `denied` one that
+//! responses (`headers_on_allowed(false)`, to show what the fields cost), `allowed-busy` one
+//! that admits everything from a client that is never fresh (each request draws on a huge
+//! capacity, so every `RateLimit` value differs and is built), `denied` one that
 //! answers 429 to everything, and with the `redis` feature `redis-allowed` the same through a
 //! RedisStore (`--redis-url`).
 //!
@@ -55,6 +57,10 @@ fn main() {
             .parse()
             .unwrap_or_else(|e| fail(&format!("{e}")));
         let denied: Quota = "1/d".parse().unwrap_or_else(|e| fail(&format!("{e}")));
+        // Busy: refills far slower than any benchmark sends, from a capacity none exhausts.
+        let busy: Quota = "1000/s;capacity=1000000000"
+            .parse()
+            .unwrap_or_else(|e| fail(&format!("{e}")));
         let app = match mode.as_str() {
             "none" => hello,
             "allowed" => hello.layer(RateLimitLayer::new(allowed, ClientIp::new())),
@@ -65,6 +71,7 @@ fn main() {
                     .build()
                     .unwrap_or_else(|e| fail(&format!("{e}"))),
             ),
+            "allowed-busy" => hello.layer(RateLimitLayer::new(busy, ClientIp::new())),
             "denied" => hello.layer(RateLimitLayer::new(denied, ClientIp::new())),
             "passthrough" => hello.layer(reference::passthrough()),
             "floor" => hello.layer(reference::floor()),
