@@ -809,8 +809,6 @@ impl tower::Service<http::Request<()>> for MustBeReady {
 /// store that the fail mode answers).
 #[tokio::test]
 async fn the_inner_service_called_is_the_one_polled_ready() {
-    use tower::{Service, ServiceExt};
-
     let (store, _clock) = manual_store();
     let layers = [
         // Admits 2, then denies: the sync path, allowed and denied.
@@ -831,22 +829,10 @@ async fn the_inner_service_called_is_the_one_polled_ready() {
             .unwrap(),
     ];
     for layer in layers {
-        let inner = MustBeReady::default();
-        let calls = Arc::clone(&inner.calls);
-        let mut svc = tower::ServiceBuilder::new().layer(layer).service(inner);
-        let mut statuses = Vec::new();
-        for _ in 0..4 {
-            let res = svc
-                .ready()
-                .await
-                .unwrap()
-                .call(http::Request::new(()))
-                .await;
-            statuses.push(res.expect("the inner service was called unready").status());
-        }
+        let (statuses, calls) = drive_must_be_ready(layer, 4).await;
         let served = statuses.iter().filter(|s| s.is_success()).count();
         assert!(served >= 2, "{statuses:?}");
-        assert_eq!(calls.load(Ordering::SeqCst), served);
+        assert_eq!(calls, served);
     }
     let failing = RateLimitLayer::builder("2/h".parse().unwrap())
         .store(FailingStore::default())
@@ -854,19 +840,33 @@ async fn the_inner_service_called_is_the_one_polled_ready() {
         .fail_mode(FailMode::Open)
         .build()
         .unwrap();
+    let (statuses, calls) = drive_must_be_ready(failing, 3).await;
+    assert_eq!(statuses, [StatusCode::OK; 3]);
+    assert_eq!(calls, 3);
+}
+
+/// Sends `n` requests through `layer` around a [`MustBeReady`], each after polling ready, and
+/// returns their statuses and how many reached the inner service.
+async fn drive_must_be_ready<St: Store, K: tollgate::key::KeyExtractor>(
+    layer: RateLimitLayer<St, K>,
+    n: usize,
+) -> (Vec<StatusCode>, usize) {
+    use tower::{Service, ServiceExt};
+
     let inner = MustBeReady::default();
     let calls = Arc::clone(&inner.calls);
-    let mut svc = tower::ServiceBuilder::new().layer(failing).service(inner);
-    for _ in 0..3 {
+    let mut svc = tower::ServiceBuilder::new().layer(layer).service(inner);
+    let mut statuses = Vec::new();
+    for _ in 0..n {
         let res = svc
             .ready()
             .await
             .unwrap()
             .call(http::Request::new(()))
             .await;
-        assert_eq!(res.expect("called unready").status(), 200);
+        statuses.push(res.expect("the inner service was called unready").status());
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    (statuses, calls.load(Ordering::SeqCst))
 }
 
 /// The axum hello world with a POST body: the body reaches the handler untouched.
