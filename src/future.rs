@@ -77,7 +77,14 @@ where
         cost: u32,
         shared: Arc<Shared<St, K>>,
     ) -> Self {
-        let state = next_state(&shared, result, inner, req, key, cost);
+        let state = next_state(
+            &shared,
+            result,
+            ReadyInner::InService(inner),
+            req,
+            key,
+            cost,
+        );
         Self { state, shared }
     }
 
@@ -110,13 +117,46 @@ where
     }
 }
 
-/// What follows a decision: the rejection, a delay, or the call to the inner service
-/// (`inner`, which was polled ready: called here, or moved into the delay in exchange for a
-/// clone, so that the instance called is always the ready one).
+/// The instance of the inner service that was polled ready: still in the service (a request
+/// decided at once) or already owned by the future (after the store's future).
+enum ReadyInner<'a, S> {
+    InService(&'a mut S),
+    Owned(S),
+}
+
+impl<S: Clone> ReadyInner<'_, S> {
+    /// The ready instance, to keep; a service left without it gets a fresh clone.
+    fn take(self) -> S {
+        match self {
+            Self::InService(inner) => std::mem::replace(inner, inner.clone()),
+            Self::Owned(inner) => inner,
+        }
+    }
+
+    /// Gives the ready instance up (its request was answered without it), so that whatever it
+    /// reserved when polled ready (a `Buffer` slot, a concurrency permit) is released now, not
+    /// at the service's next call.
+    fn release(self) {
+        drop(self.take());
+    }
+
+    fn call<R>(self, req: R) -> S::Future
+    where
+        S: Service<R>,
+    {
+        match self {
+            Self::InService(inner) => inner.call(req),
+            Self::Owned(mut inner) => inner.call(req),
+        }
+    }
+}
+
+/// What follows a decision: the rejection, a delay, or the call to the inner service (the
+/// ready instance: called here, kept through the delay, or released with the rejection).
 fn next_state<S, St, K, ReqBody, ResBody>(
     shared: &Shared<St, K>,
     result: Result<Decision, StoreError>,
-    inner: &mut S,
+    inner: ReadyInner<'_, S>,
     mut req: Request<ReqBody>,
     key: &Key,
     cost: u32,
@@ -129,10 +169,9 @@ where
         Verdict::Pass { decision, headers } => {
             req.extensions_mut().insert(decision.clone());
             if headers && let Some(delay) = shared.delay_for(&decision, key) {
-                let ready = std::mem::replace(inner, inner.clone());
                 return State::Delaying {
                     sleep: tokio::time::sleep(delay),
-                    pending: Some((ready, req, decision)),
+                    pending: Some((inner.take(), req, decision)),
                 };
             }
             State::Calling {
@@ -140,9 +179,12 @@ where
                 decision: Some((decision, headers)),
             }
         }
-        Verdict::Respond(response) => State::Ready {
-            response: Some(response),
-        },
+        Verdict::Respond(response) => {
+            inner.release();
+            State::Ready {
+                response: Some(response),
+            }
+        }
     }
 }
 
@@ -165,9 +207,14 @@ where
                     let result = ready!(check.poll(cx));
                     let cost = *cost;
                     let next = match pending.take() {
-                        Some((mut inner, req, key)) => {
-                            next_state(this.shared, result, &mut inner, req, &key, cost)
-                        }
+                        Some((inner, req, key)) => next_state(
+                            this.shared,
+                            result,
+                            ReadyInner::Owned(inner),
+                            req,
+                            &key,
+                            cost,
+                        ),
                         None => State::Done,
                     };
                     this.state.set(next);
@@ -286,6 +333,10 @@ impl<St, K> Shared<St, K> {
         let mut response = self
             .rejection
             .response(self.policy.name(), decision.retry_after());
+        if self.header_style == headers::HeaderStyle::Both {
+            // Seven fields or more: room for them at once (a map grows past 6 otherwise).
+            response.headers_mut().reserve(8);
+        }
         headers::apply(
             response.headers_mut(),
             self.header_style,

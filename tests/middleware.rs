@@ -766,11 +766,13 @@ async fn works_on_a_plain_tower_service() {
 }
 
 /// A service that must be polled ready before each call, on the instance called: a clone starts
-/// unready, and a call on an unready instance fails.
+/// unready, and a call on an unready instance fails. Being ready holds a reservation (as a
+/// `Buffer` slot or a concurrency permit would) until the call or until the instance is dropped.
 #[derive(Default)]
 struct MustBeReady {
     ready: bool,
     calls: Arc<AtomicUsize>,
+    reserved: Arc<AtomicUsize>,
 }
 
 impl Clone for MustBeReady {
@@ -778,6 +780,15 @@ impl Clone for MustBeReady {
         Self {
             ready: false,
             calls: Arc::clone(&self.calls),
+            reserved: Arc::clone(&self.reserved),
+        }
+    }
+}
+
+impl Drop for MustBeReady {
+    fn drop(&mut self) {
+        if self.ready {
+            self.reserved.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -791,7 +802,9 @@ impl tower::Service<http::Request<()>> for MustBeReady {
         &mut self,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.ready = true;
+        if !std::mem::replace(&mut self.ready, true) {
+            self.reserved.fetch_add(1, Ordering::SeqCst);
+        }
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -799,54 +812,115 @@ impl tower::Service<http::Request<()>> for MustBeReady {
         if !std::mem::take(&mut self.ready) {
             return ready(Err("called without being polled ready"));
         }
+        self.reserved.fetch_sub(1, Ordering::SeqCst);
         self.calls.fetch_add(1, Ordering::SeqCst);
         ready(Ok(http::Response::new("served".to_owned())))
     }
 }
 
-/// Tower's contract: the instance the layer calls is the one polled ready, whether the decision
-/// is made at once (memory store), after a delay, or after the store's future (here, a failing
-/// store that the fail mode answers).
-#[tokio::test]
-async fn the_inner_service_called_is_the_one_polled_ready() {
-    let (store, _clock) = manual_store();
-    let layers = [
-        // Admits 2, then denies: the sync path, allowed and denied.
-        RateLimitLayer::builder("2/h".parse().unwrap())
-            .store(store.clone())
-            .key(Global)
-            .policy("sync")
-            .build()
-            .unwrap(),
-        // Delays every request after the first (1 ms apart on a manual clock that never moves:
-        // each is due at once, but goes through the delay state).
-        RateLimitLayer::builder("1000/s;capacity=5".parse().unwrap())
-            .store(store)
-            .key(Global)
-            .policy("delayed")
-            .delay_after(1)
-            .build()
-            .unwrap(),
-    ];
-    for layer in layers {
-        let (statuses, calls) = drive_must_be_ready(layer, 4).await;
-        let served = statuses.iter().filter(|s| s.is_success()).count();
-        assert!(served >= 2, "{statuses:?}");
-        assert_eq!(calls, served);
+/// A memory store that never decides at once, so the layer goes through the store's future (as
+/// with Redis).
+#[derive(Clone)]
+struct AsyncOnly(MemoryStore<ManualClock>);
+
+impl Store for AsyncOnly {
+    type Future = <MemoryStore<ManualClock> as Store>::Future;
+
+    fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+        self.0.check(policy, key, cost)
     }
-    let failing = RateLimitLayer::builder("2/h".parse().unwrap())
-        .store(FailingStore::default())
+
+    async fn reset(&self, policy: &Policy, key: &Key) -> Result<(), StoreError> {
+        self.0.reset(policy, key).await
+    }
+}
+
+/// Tower's contract: the instance the layer calls is the one polled ready, whether the decision
+/// is made at once (memory store) or after the store's future, with or without a delay; and a
+/// request answered without the inner service releases what its ready instance reserved.
+#[tokio::test(start_paused = true)]
+async fn the_inner_service_called_is_the_one_polled_ready() {
+    let two_per_hour = || "2/h".parse::<Quota>().unwrap();
+    // Every request after the first is delayed (1 ms apart; the manual clock never moves).
+    let delayed = || "1000/s;capacity=5".parse::<Quota>().unwrap();
+    let (store, _clock) = manual_store();
+    let ok_ok_429_429 = [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::TOO_MANY_REQUESTS,
+    ];
+    let sync = RateLimitLayer::builder(two_per_hour())
+        .store(store.clone())
         .key(Global)
-        .fail_mode(FailMode::Open)
         .build()
         .unwrap();
-    let (statuses, calls) = drive_must_be_ready(failing, 3).await;
-    assert_eq!(statuses, [StatusCode::OK; 3]);
-    assert_eq!(calls, 3);
+    assert_eq!(
+        drive_must_be_ready(sync, 4).await,
+        (ok_ok_429_429.to_vec(), 2)
+    );
+    let sync_delayed = RateLimitLayer::builder(delayed())
+        .store(store.clone())
+        .key(Global)
+        .policy("delayed")
+        .delay_after(1)
+        .build()
+        .unwrap();
+    assert_eq!(
+        drive_must_be_ready(sync_delayed, 3).await,
+        (vec![StatusCode::OK; 3], 3)
+    );
+    let unlimited = RateLimitLayer::builder(two_per_hour())
+        .store(store.clone())
+        .key(Global)
+        .policy("skipped")
+        .skip(|_| true)
+        .build()
+        .unwrap();
+    assert_eq!(
+        drive_must_be_ready(unlimited, 3).await,
+        (vec![StatusCode::OK; 3], 3)
+    );
+
+    let (store, _clock) = manual_store();
+    let async_store = RateLimitLayer::builder(two_per_hour())
+        .store(AsyncOnly(store.clone()))
+        .key(Global)
+        .build()
+        .unwrap();
+    assert_eq!(
+        drive_must_be_ready(async_store, 4).await,
+        (ok_ok_429_429.to_vec(), 2)
+    );
+    let async_delayed = RateLimitLayer::builder(delayed())
+        .store(AsyncOnly(store))
+        .key(Global)
+        .policy("delayed")
+        .delay_after(1)
+        .build()
+        .unwrap();
+    assert_eq!(
+        drive_must_be_ready(async_delayed, 3).await,
+        (vec![StatusCode::OK; 3], 3)
+    );
+
+    let failing = |mode| {
+        RateLimitLayer::builder(two_per_hour())
+            .store(FailingStore::default())
+            .key(Global)
+            .fail_mode(mode)
+            .build()
+            .unwrap()
+    };
+    let open = drive_must_be_ready(failing(FailMode::Open), 3).await;
+    assert_eq!(open, (vec![StatusCode::OK; 3], 3));
+    let closed = drive_must_be_ready(failing(FailMode::Closed), 3).await;
+    assert_eq!(closed, (vec![StatusCode::SERVICE_UNAVAILABLE; 3], 0));
 }
 
 /// Sends `n` requests through `layer` around a [`MustBeReady`], each after polling ready, and
-/// returns their statuses and how many reached the inner service.
+/// returns their statuses and how many reached the inner service. After each response, nothing
+/// may still be reserved.
 async fn drive_must_be_ready<St: Store, K: tollgate::key::KeyExtractor>(
     layer: RateLimitLayer<St, K>,
     n: usize,
@@ -854,7 +928,7 @@ async fn drive_must_be_ready<St: Store, K: tollgate::key::KeyExtractor>(
     use tower::{Service, ServiceExt};
 
     let inner = MustBeReady::default();
-    let calls = Arc::clone(&inner.calls);
+    let (calls, reserved) = (Arc::clone(&inner.calls), Arc::clone(&inner.reserved));
     let mut svc = tower::ServiceBuilder::new().layer(layer).service(inner);
     let mut statuses = Vec::new();
     for _ in 0..n {
@@ -865,6 +939,11 @@ async fn drive_must_be_ready<St: Store, K: tollgate::key::KeyExtractor>(
             .call(http::Request::new(()))
             .await;
         statuses.push(res.expect("the inner service was called unready").status());
+        assert_eq!(
+            reserved.load(Ordering::SeqCst),
+            0,
+            "a reservation outlived its request ({statuses:?})"
+        );
     }
     (statuses, calls.load(Ordering::SeqCst))
 }
