@@ -840,72 +840,23 @@ impl Store for AsyncOnly {
 /// request answered without the inner service releases what its ready instance reserved.
 #[tokio::test(start_paused = true)]
 async fn the_inner_service_called_is_the_one_polled_ready() {
-    let two_per_hour = || "2/h".parse::<Quota>().unwrap();
-    // Every request after the first is delayed (1 ms apart; the manual clock never moves).
-    let delayed = || "1000/s;capacity=5".parse::<Quota>().unwrap();
     let (store, _clock) = manual_store();
-    let ok_ok_429_429 = [
-        StatusCode::OK,
-        StatusCode::OK,
-        StatusCode::TOO_MANY_REQUESTS,
-        StatusCode::TOO_MANY_REQUESTS,
-    ];
-    let sync = RateLimitLayer::builder(two_per_hour())
-        .store(store.clone())
-        .key(Global)
-        .build()
-        .unwrap();
-    assert_eq!(
-        drive_must_be_ready(sync, 4).await,
-        (ok_ok_429_429.to_vec(), 2)
-    );
-    let sync_delayed = RateLimitLayer::builder(delayed())
-        .store(store.clone())
-        .key(Global)
-        .policy("delayed")
-        .delay_after(1)
-        .build()
-        .unwrap();
-    assert_eq!(
-        drive_must_be_ready(sync_delayed, 3).await,
-        (vec![StatusCode::OK; 3], 3)
-    );
-    let unlimited = RateLimitLayer::builder(two_per_hour())
-        .store(store.clone())
+    admitted_denied_and_delayed(store.clone()).await;
+    let unlimited = RateLimitLayer::builder("2/h".parse().unwrap())
+        .store(store)
         .key(Global)
         .policy("skipped")
         .skip(|_| true)
         .build()
         .unwrap();
-    assert_eq!(
-        drive_must_be_ready(unlimited, 3).await,
-        (vec![StatusCode::OK; 3], 3)
-    );
+    let ok = StatusCode::OK;
+    assert_eq!(drive_must_be_ready(unlimited, 3).await, (vec![ok; 3], 3));
 
     let (store, _clock) = manual_store();
-    let async_store = RateLimitLayer::builder(two_per_hour())
-        .store(AsyncOnly(store.clone()))
-        .key(Global)
-        .build()
-        .unwrap();
-    assert_eq!(
-        drive_must_be_ready(async_store, 4).await,
-        (ok_ok_429_429.to_vec(), 2)
-    );
-    let async_delayed = RateLimitLayer::builder(delayed())
-        .store(AsyncOnly(store))
-        .key(Global)
-        .policy("delayed")
-        .delay_after(1)
-        .build()
-        .unwrap();
-    assert_eq!(
-        drive_must_be_ready(async_delayed, 3).await,
-        (vec![StatusCode::OK; 3], 3)
-    );
+    admitted_denied_and_delayed(AsyncOnly(store)).await;
 
     let failing = |mode| {
-        RateLimitLayer::builder(two_per_hour())
+        RateLimitLayer::builder("2/h".parse().unwrap())
             .store(FailingStore::default())
             .key(Global)
             .fail_mode(mode)
@@ -913,9 +864,30 @@ async fn the_inner_service_called_is_the_one_polled_ready() {
             .unwrap()
     };
     let open = drive_must_be_ready(failing(FailMode::Open), 3).await;
-    assert_eq!(open, (vec![StatusCode::OK; 3], 3));
+    assert_eq!(open, (vec![ok; 3], 3));
     let closed = drive_must_be_ready(failing(FailMode::Closed), 3).await;
     assert_eq!(closed, (vec![StatusCode::SERVICE_UNAVAILABLE; 3], 0));
+}
+
+/// Through layers on `store`: two admitted then two denied requests, then requests delayed
+/// after the first (1 ms apart on a manual clock that never moves).
+async fn admitted_denied_and_delayed<St: Store + Clone>(store: St) {
+    let (ok, limited) = (StatusCode::OK, StatusCode::TOO_MANY_REQUESTS);
+    let two_per_hour = RateLimitLayer::builder("2/h".parse().unwrap())
+        .store(store.clone())
+        .key(Global)
+        .build()
+        .unwrap();
+    let result = drive_must_be_ready(two_per_hour, 4).await;
+    assert_eq!(result, (vec![ok, ok, limited, limited], 2));
+    let delayed = RateLimitLayer::builder("1000/s;capacity=5".parse().unwrap())
+        .store(store)
+        .key(Global)
+        .policy("delayed")
+        .delay_after(1)
+        .build()
+        .unwrap();
+    assert_eq!(drive_must_be_ready(delayed, 3).await, (vec![ok; 3], 3));
 }
 
 /// Sends `n` requests through `layer` around a [`MustBeReady`], each after polling ready, and
