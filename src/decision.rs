@@ -21,28 +21,36 @@ pub enum Outcome {
 /// quotas, against the most restrictive of them: the one with the longest wait when denied, the
 /// fewest remaining when admitted; see [`Decision::per_quota`]).
 ///
-/// The layer puts the decision into the request's extensions, so handlers can read it:
+/// The layer puts the decision into the request's extensions, so handlers can read it. A route
+/// that the layer skips (or whose key extractor returns `None`) has no decision, so take it as
+/// an `Option`: a plain `Extension<Decision>` answers such requests with a 500.
 ///
 /// ```
 /// use axum::{Extension, response::IntoResponse};
 /// use tollgate::Decision;
 ///
-/// async fn handler(Extension(decision): Extension<Decision>) -> impl IntoResponse {
-///     format!("{} requests left", decision.remaining())
+/// async fn handler(decision: Option<Extension<Decision>>) -> impl IntoResponse {
+///     match decision {
+///         Some(Extension(d)) => format!("{} requests left under {:?}", d.remaining(), d.policy()),
+///         None => "not limited".to_owned(),
+///     }
 /// }
 /// ```
 ///
-/// With several layers stacked, the innermost layer's decision is the one in the extensions
-/// (the most specific limit, usually a route's).
+/// With several layers stacked, the innermost layer's decision is the one found as
+/// `Extension<Decision>` (the most specific limit, usually a route's); every layer's decision,
+/// in the order the layers ran, is in [`Decisions`], in the request's extensions and in the
+/// response's, so outer layers and `map_response` see them too.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Decision {
     // The raw GCRA quantities, in microseconds; everything else is derived on access, so a
     // caller that only needs `is_allowed` pays for no division.
     outcome: Outcome,
     pub(crate) degraded: bool,
-    capacity: u32,
-    /// `T`, at least 1.
-    interval: u64,
+    /// The quota decided against (for a policy of several, the most restrictive one's).
+    quota: Quota,
+    /// The policy's name, set by the layer that decided; `None` straight from a store.
+    policy: Option<Arc<str>>,
     /// Time until the state is fresh (`reset_after`).
     used: u64,
     /// For a denial: time until the same request would pass.
@@ -59,8 +67,8 @@ impl Decision {
         Self {
             outcome,
             degraded: false,
-            capacity: quota.capacity(),
-            interval: quota.interval_micros(),
+            quota: *quota,
+            policy: None,
             used,
             retry,
             per_quota: None,
@@ -84,6 +92,32 @@ impl Decision {
         }
     }
 
+    /// The name of the policy that decided, as sent in the `RateLimit` fields. Set by the layer;
+    /// `None` for a decision taken straight from a [`Store`](crate::Store).
+    pub fn policy(&self) -> Option<&str> {
+        self.policy.as_deref()
+    }
+
+    /// Names the decision (and each quota's) after the policy that made it.
+    pub(crate) fn set_policy(&mut self, name: &Arc<str>) {
+        self.policy = Some(Arc::clone(name));
+    }
+
+    /// The quota this decision was made against.
+    pub const fn quota(&self) -> &Quota {
+        &self.quota
+    }
+
+    /// The quota's limit: requests per [`period`](Self::period) (`q` in `RateLimit-Policy`).
+    pub const fn limit(&self) -> u32 {
+        self.quota.limit()
+    }
+
+    /// The quota's period (`w` in `RateLimit-Policy`).
+    pub const fn period(&self) -> Duration {
+        self.quota.period()
+    }
+
     /// Allowed, denied or impossible.
     pub const fn outcome(&self) -> Outcome {
         self.outcome
@@ -96,14 +130,15 @@ impl Decision {
 
     /// The quota's capacity: the most requests admitted at once (`X-RateLimit-Limit`).
     pub const fn capacity(&self) -> u32 {
-        self.capacity
+        self.quota.capacity()
     }
 
     /// Requests of cost 1 that could still pass right now.
     pub fn remaining(&self) -> u32 {
-        let b = u64::from(self.capacity);
-        let tolerance = self.interval.saturating_mul(b);
-        let remaining = (tolerance.saturating_sub(self.used) / self.interval.max(1)).min(b);
+        let b = u64::from(self.capacity());
+        let interval = self.quota.interval_micros();
+        let tolerance = interval.saturating_mul(b);
+        let remaining = (tolerance.saturating_sub(self.used) / interval.max(1)).min(b);
         // At most `capacity`, a u32.
         remaining as u32
     }
@@ -125,19 +160,19 @@ impl Decision {
     /// Time until one more request of cost 1 becomes available (zero when at full capacity).
     /// This is the `t` parameter of the IETF `RateLimit` field.
     pub fn next_available(&self) -> Duration {
-        let b = u64::from(self.capacity);
+        let b = u64::from(self.capacity());
         let remaining = u64::from(self.remaining());
         if remaining >= b {
             return Duration::ZERO;
         }
-        let later = (b - remaining - 1).saturating_mul(self.interval);
+        let later = (b - remaining - 1).saturating_mul(self.quota.interval_micros());
         Duration::from_micros(self.used.saturating_sub(later))
     }
 
     /// How far this admitted request is beyond the first `n` requests of a burst, in time:
     /// `reset_after - n × T`, saturating at zero. The layer's `delay_after` waits this long.
     pub(crate) fn excess_over(&self, n: u32) -> Duration {
-        let undelayed = self.interval.saturating_mul(u64::from(n));
+        let undelayed = self.quota.interval_micros().saturating_mul(u64::from(n));
         Duration::from_micros(self.used.saturating_sub(undelayed))
     }
 
@@ -153,5 +188,94 @@ impl Decision {
             degraded: true,
             ..Self::new(Outcome::Allowed, quota, 0, 0)
         }
+    }
+}
+
+/// Every stacked layer's decision about one request, in the order the layers ran (outermost
+/// first). Found in the request's extensions (for handlers) and in the response's (for outer
+/// layers, `map_response` and logging middleware).
+///
+/// ```
+/// use axum::{Router, middleware::map_response, response::Response, routing::get};
+/// use tollgate::{Decisions, RateLimitLayer};
+///
+/// async fn log_decisions(response: Response) -> Response {
+///     if let Some(all) = response.extensions().get::<Decisions>() {
+///         for d in all {
+///             println!("{:?}: {:?}, {} left", d.policy(), d.outcome(), d.remaining());
+///         }
+///     }
+///     response
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|| async { "hi" }))
+///     .layer(RateLimitLayer::builder("60/m".parse()?).build()?)
+///     .layer(map_response(log_decisions));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decisions {
+    list: Vec<Decision>,
+}
+
+impl Decisions {
+    /// The decisions, outermost layer first.
+    pub fn as_slice(&self) -> &[Decision] {
+        &self.list
+    }
+
+    /// Iterates outermost layer first.
+    pub fn iter(&self) -> std::slice::Iter<'_, Decision> {
+        self.list.iter()
+    }
+
+    /// How many layers decided.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// No layer decided.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The decision of the layer whose policy is called `policy`.
+    pub fn get(&self, policy: &str) -> Option<&Decision> {
+        self.list.iter().find(|d| d.policy() == Some(policy))
+    }
+
+    /// Adds the decision of a layer that ran after (inside) those already listed.
+    pub(crate) fn push_inner(extensions: &mut http::Extensions, decision: Decision) {
+        match extensions.get_mut::<Self>() {
+            Some(all) => all.list.push(decision),
+            None => {
+                extensions.insert(Self {
+                    list: vec![decision],
+                });
+            }
+        }
+    }
+
+    /// Adds the decision of a layer that ran before (outside) those already listed: on the
+    /// way back out, inner layers have recorded theirs first.
+    pub(crate) fn push_outer(extensions: &mut http::Extensions, decision: Decision) {
+        match extensions.get_mut::<Self>() {
+            Some(all) => all.list.insert(0, decision),
+            None => {
+                extensions.insert(Self {
+                    list: vec![decision],
+                });
+            }
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Decisions {
+    type Item = &'a Decision;
+    type IntoIter = std::slice::Iter<'a, Decision>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.list.iter()
     }
 }

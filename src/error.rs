@@ -50,7 +50,7 @@ pub enum QuotaError {
     /// The text is not a quota.
     #[error(
         "{input:?} is not a quota: write LIMIT/PERIOD such as \"60/m\", \"10/s\", \"1000/h\", \
-         \"5/30s\", optionally followed by \";capacity=N\""
+         \"5/30s\", optionally followed by \";capacity=N\" (or nginx's \";burst=B\", which is capacity B + 1)"
     )]
     Parse {
         /// The text given (at most 64 characters of it).
@@ -89,6 +89,29 @@ pub enum ConfigError {
     /// A trusted proxy range that does not parse.
     #[error("{0:?} is not an IP network: write it as 10.0.0.0/8, 192.168.1.7 or fd00::/8")]
     Cidr(String),
+    /// A layer's policy has the name of one the store already has, with other quotas: the two
+    /// would share their clients' state.
+    #[error(
+        "policy {name:?} is already used on this store with {known}, and this layer gives it \
+         {new}; give this layer another name with .policy(\"...\"), or the same quotas to \
+         share the limit on purpose"
+    )]
+    PolicyConflict {
+        /// The policy name.
+        name: String,
+        /// The quotas the store knows under the name.
+        known: String,
+        /// The quotas of the layer being built.
+        new: String,
+    },
+    /// A second layer without a policy name was built on a store that already has one, so both
+    /// would be policy `"default"` and share their clients' state.
+    #[error(
+        "this store already serves a layer without a policy name (policy \"default\"); name \
+         each layer of a shared store with .policy(\"...\") (or name this one \"default\" to \
+         share that layer's limit on purpose)"
+    )]
+    UnnamedPolicy,
     /// Anything else, with a message saying what to change.
     #[error("{0}")]
     Invalid(String),

@@ -316,6 +316,50 @@ impl<const N: usize> fmt::Write for TextBuf<N> {
 pub trait KeyExtractor: Send + Sync + 'static {
     /// The key for this request; `None` lets it through unlimited.
     fn extract(&self, req: &Parts) -> Option<Key>;
+
+    /// TEMP (replaced by the key.rs rework).
+    fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
+        Ok(self.extract(req))
+    }
+
+    /// TEMP (replaced by the key.rs rework).
+    fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
+        let _ = identity;
+        Vec::new()
+    }
+}
+
+/// TEMP (replaced by the key.rs rework).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// TEMP.
+    #[error("no peer address")]
+    MissingPeer,
+}
+
+/// TEMP (replaced by the key.rs rework).
+#[derive(Debug, Clone, Copy)]
+pub struct Fingerprint(u64);
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl Key {
+    /// TEMP (replaced by the key.rs rework).
+    pub fn fingerprint(&self) -> Fingerprint {
+        use std::hash::BuildHasher;
+        static SECRET: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+        Fingerprint(SECRET.get_or_init(std::hash::RandomState::new).hash_one(self.as_bytes()))
+    }
+
+    /// TEMP (replaced by the key.rs rework).
+    pub fn raw(&self) -> impl fmt::Display + '_ {
+        self.as_bytes().escape_ascii()
+    }
 }
 
 impl<F, K> KeyExtractor for F

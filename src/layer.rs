@@ -2,24 +2,22 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-use http::StatusCode;
 use http::request::Parts;
+use http::{Response, StatusCode};
 use tower_layer::Layer;
 use tracing::Level;
 
 use crate::MemoryStore;
-use crate::error::ConfigError;
+use crate::decide::{CostFn, Counters, Shared, SkipFn, Stats};
+use crate::error::{ConfigError, StoreError};
 use crate::headers::{HeaderStyle, PolicyFields, ResetStyle};
 use crate::key::{ClientIp, KeyExtractor};
 use crate::quota::Quota;
-use crate::response::{Rejection, RejectionBody};
+use crate::response::{DefaultRejection, RejectWith, Rejection, RejectionBody};
 use crate::service::RateLimit;
 use crate::store::{FailMode, Policy, Store};
-
-type CostFn = dyn Fn(&Parts) -> u32 + Send + Sync;
-type SkipFn = dyn Fn(&Parts) -> bool + Send + Sync;
 
 /// A Tower layer that rate-limits requests by key, with one [`Policy`] and one [`Store`].
 ///
@@ -36,11 +34,11 @@ type SkipFn = dyn Fn(&Parts) -> bool + Send + Sync;
 /// Every clone of the layer, and every service it makes, shares one store and one set of
 /// counters. Several layers stack: all must admit a request, and a request denied by one layer
 /// is never charged by a layer that has not run yet (inner layers run after outer ones).
-pub struct RateLimitLayer<St = MemoryStore, K = ClientIp> {
-    pub(crate) shared: Arc<Shared<St, K>>,
+pub struct RateLimitLayer<St = MemoryStore, K = ClientIp, R = DefaultRejection> {
+    pub(crate) shared: Arc<Shared<St, K, R>>,
 }
 
-impl<St, K> Clone for RateLimitLayer<St, K> {
+impl<St, K, R> Clone for RateLimitLayer<St, K, R> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
@@ -48,7 +46,7 @@ impl<St, K> Clone for RateLimitLayer<St, K> {
     }
 }
 
-impl<St, K> fmt::Debug for RateLimitLayer<St, K> {
+impl<St, K, R> fmt::Debug for RateLimitLayer<St, K, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
             .field("policy", &self.shared.policy)
@@ -58,135 +56,17 @@ impl<St, K> fmt::Debug for RateLimitLayer<St, K> {
     }
 }
 
-/// Everything a layer's services share.
-pub(crate) struct Shared<St, K> {
-    pub(crate) policy: Policy,
-    pub(crate) fields: PolicyFields,
-    pub(crate) store: St,
-    pub(crate) key: K,
-    pub(crate) cost: Option<Arc<CostFn>>,
-    pub(crate) skip: Option<Arc<SkipFn>>,
-    pub(crate) fail_mode: FailMode,
-    /// The local limiter for [`FailMode::Fallback`], with the divided quota.
-    pub(crate) fallback: Option<(MemoryStore, Policy)>,
-    pub(crate) dry_run: bool,
-    /// Delay admitted requests beyond the first `n` of a burst (nginx without `nodelay`).
-    pub(crate) delay_after: Option<u32>,
-    pub(crate) header_style: HeaderStyle,
-    pub(crate) reset_style: ResetStyle,
-    pub(crate) headers_on_allowed: bool,
-    pub(crate) degraded_header: bool,
-    pub(crate) rejection: Rejection,
-    pub(crate) log_level: Level,
-    pub(crate) counters: Counters,
-    /// Microseconds (monotonic, since `started`) of the last store-failure warning.
-    pub(crate) last_warning: AtomicU64,
-    pub(crate) started: std::time::Instant,
-}
-
-/// Live counters of one layer, striped over cache lines: each thread counts in its own stripe,
-/// so requests served on different cores never write the same line; a snapshot sums them.
-pub(crate) struct Counters {
-    /// A power of two of them, so a thread's stripe is its index masked.
-    stripes: Box<[Stripe]>,
-}
-
-/// One thread's share of the counters, alone on its cache line(s).
-#[derive(Default)]
-#[repr(align(128))]
-struct Stripe([AtomicU64; Counter::COUNT]);
-
-/// What a layer counts.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Counter {
-    Allowed,
-    Denied,
-    DryRunDenied,
-    Unlimited,
-    StoreErrors,
-    Degraded,
-    Delayed,
-}
-
-impl Counter {
-    const COUNT: usize = 7;
-}
-
-/// The most stripes a layer gets (8 KiB of counters).
-const MAX_STRIPES: usize = 64;
-
-impl Counters {
-    pub(crate) fn new() -> Self {
-        let cores = std::thread::available_parallelism().map_or(8, std::num::NonZeroUsize::get);
-        let stripes = cores.next_power_of_two().min(MAX_STRIPES);
-        Self {
-            stripes: (0..stripes).map(|_| Stripe::default()).collect(),
-        }
-    }
-
-    /// Counts one event in this thread's stripe.
-    #[inline]
-    pub(crate) fn add(&self, counter: Counter) {
-        let stripe = thread_stripe() & (self.stripes.len() - 1);
-        if let Some(Stripe(counts)) = self.stripes.get(stripe) {
-            counts[counter as usize].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// The sum over every stripe.
-    pub(crate) fn get(&self, counter: Counter) -> u64 {
-        self.stripes
-            .iter()
-            .map(|Stripe(counts)| counts[counter as usize].load(Ordering::Relaxed))
-            .fold(0, u64::wrapping_add)
-    }
-}
-
-/// This thread's stripe number: threads are numbered in the order they first count, so the
-/// threads of a runtime land on different stripes.
-#[inline]
-fn thread_stripe() -> usize {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    thread_local! {
-        static STRIPE: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
-    }
-    STRIPE.with(|stripe| {
-        let mut n = stripe.get();
-        if n == usize::MAX {
-            n = NEXT.fetch_add(1, Ordering::Relaxed) % MAX_STRIPES;
-            stripe.set(n);
-        }
-        n
-    })
-}
-
-/// A snapshot of a layer's counters since it was built.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-pub struct Stats {
-    /// Requests admitted (including those admitted degraded).
-    pub allowed: u64,
-    /// Requests answered with the rejection status.
-    pub denied: u64,
-    /// Requests that would have been denied, let through by dry-run mode.
-    pub dry_run_denied: u64,
-    /// Requests skipped, or whose key extractor returned `None`.
-    pub unlimited: u64,
-    /// Store failures (each then handled by the fail mode).
-    pub store_errors: u64,
-    /// Decisions made without the store: fail-open, fail-closed or by the fallback limiter.
-    pub degraded: u64,
-    /// Admitted requests that were delayed before being served (see [`Builder::delay_after`]).
-    pub delayed: u64,
-}
-
 impl<K: KeyExtractor> RateLimitLayer<MemoryStore, K> {
-    /// `quota` per client as `key` identifies them, in a new [`MemoryStore`], policy
+    /// `quota` per client as `key` identifies them, in a new [`MemoryStore`] of its own, policy
     /// `"default"`, every other setting at its default.
     pub fn new(quota: Quota, key: K) -> Self {
         let policy = Policy::named_default(quota);
-        Self::from_parts(Builder::new(quota).key(key).parts(policy))
+        let store = MemoryStore::new();
+        if let Some(registry) = store.registry() {
+            // A new store knows no other policy, so this cannot conflict.
+            let _ = registry.register(&policy, false);
+        }
+        Self::from_parts(Builder::new(quota).key(key).store(store).parts(policy))
     }
 }
 
@@ -197,8 +77,8 @@ impl RateLimitLayer {
     }
 }
 
-impl<St, K> RateLimitLayer<St, K> {
-    fn from_parts(shared: Shared<St, K>) -> Self {
+impl<St, K, R> RateLimitLayer<St, K, R> {
+    fn from_parts(shared: Shared<St, K, R>) -> Self {
         Self {
             shared: Arc::new(shared),
         }
@@ -214,23 +94,59 @@ impl<St, K> RateLimitLayer<St, K> {
         &self.shared.store
     }
 
+    /// The key extractor the layer identifies clients with.
+    pub fn key_extractor(&self) -> &K {
+        &self.shared.key
+    }
+
     /// The layer's counters so far.
     pub fn stats(&self) -> Stats {
-        let c = &self.shared.counters;
-        Stats {
-            allowed: c.get(Counter::Allowed),
-            denied: c.get(Counter::Denied),
-            dry_run_denied: c.get(Counter::DryRunDenied),
-            unlimited: c.get(Counter::Unlimited),
-            store_errors: c.get(Counter::StoreErrors),
-            degraded: c.get(Counter::Degraded),
-            delayed: c.get(Counter::Delayed),
-        }
+        self.shared.counters.stats()
     }
 }
 
-impl<S, St, K> Layer<S> for RateLimitLayer<St, K> {
-    type Service = RateLimit<S, St, K>;
+impl<St: Store, K: KeyExtractor, R> RateLimitLayer<St, K, R> {
+    /// Forgets the state of the client called `identity` under this layer's policy, in its
+    /// store and in its fallback limiter: its next request is treated as a new client's.
+    ///
+    /// `identity` is what the client is known by (its API key, header value or IP address),
+    /// not an internal store key: the layer's own key extractor says which keys that identity
+    /// can have ([`KeyExtractor::keys_for_identity`]), so an API-key-else-IP layer resets both
+    /// `key:<identity>` and, when it is an address, `ip:<identity>`. Returns how many keys were
+    /// cleared: 0 when the extractor cannot map identities (a closure), so an admin endpoint
+    /// can say truthfully that nothing was reset.
+    ///
+    /// ```
+    /// use tollgate::RateLimitLayer;
+    /// use tollgate::key::{ApiKeyOrIp, ClientIp, Header};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let layer = RateLimitLayer::builder("5/m".parse()?)
+    ///     .key(ApiKeyOrIp::new(Header::new("x-api-key")?, ClientIp::new()))
+    ///     .build()?;
+    /// assert_eq!(layer.reset_identity("sk_live_123").await?, 1); // key:sk_live_123
+    /// assert_eq!(layer.reset_identity("192.0.2.7").await?, 2); // as an API key and as an IP
+    /// # Ok(()) }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    /// The store's [`StoreError`] when it cannot reset (the fallback limiter never fails).
+    pub async fn reset_identity(&self, identity: &str) -> Result<usize, StoreError> {
+        let shared = &self.shared;
+        let keys = shared.key.keys_for_identity(identity);
+        for key in &keys {
+            shared.store.reset(&shared.policy, key).await?;
+            if let Some((fallback, policy)) = &shared.fallback {
+                fallback.remove(policy, key);
+            }
+        }
+        Ok(keys.len())
+    }
+}
+
+impl<S, St, K, R> Layer<S> for RateLimitLayer<St, K, R> {
+    type Service = RateLimit<S, St, K, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit::new(inner, Arc::clone(&self.shared))
@@ -255,14 +171,20 @@ impl<S, St, K> Layer<S> for RateLimitLayer<St, K> {
 /// let app: Router = Router::new().route("/", get(|| async { "hi" })).layer(layer);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// A builder is `Clone` (when its store, key extractor and rejection are): configure a base
+/// once and derive several layers from it, each with its own policy name.
 #[must_use]
-pub struct Builder<St = MemoryStore, K = ClientIp> {
+#[derive(Clone)]
+pub struct Builder<St = MemoryStore, K = ClientIp, R = DefaultRejection> {
     settings: Settings,
     store: St,
     key: K,
+    rejector: R,
 }
 
-/// Everything a builder holds besides its store and key extractor.
+/// Everything a builder holds besides its store, key extractor and rejection.
+#[derive(Clone)]
 struct Settings {
     quota: Quota,
     more_quotas: Vec<Quota>,
@@ -276,12 +198,14 @@ struct Settings {
     reset_style: ResetStyle,
     headers_on_allowed: bool,
     degraded_header: bool,
-    status: u16,
-    body: RejectionBody,
+    /// A status given to [`Builder::status`] that is not 400..=599, reported by `build`.
+    bad_status: Option<StatusCode>,
+    rejection_fields: bool,
     log_level: Level,
+    log_raw_keys: bool,
 }
 
-impl<St, K> fmt::Debug for Builder<St, K> {
+impl<St, K, R> fmt::Debug for Builder<St, K, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("quota", &self.settings.quota)
@@ -306,19 +230,119 @@ impl Builder {
                 reset_style: ResetStyle::default(),
                 headers_on_allowed: true,
                 degraded_header: false,
-                status: 429,
-                body: RejectionBody::default(),
+                bad_status: None,
+                rejection_fields: true,
                 log_level: Level::INFO,
+                log_raw_keys: false,
             },
             store: MemoryStore::new(),
             key: ClientIp::new(),
+            rejector: DefaultRejection {
+                rejection: Rejection {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    body: RejectionBody::default(),
+                },
+            },
         }
     }
 }
 
-impl<St, K> Builder<St, K> {
+impl<St, K> Builder<St, K, DefaultRejection> {
+    /// The status of a limited request's response (default `429 Too Many Requests`; 400..=599,
+    /// checked by [`build`](Builder::build)).
+    pub fn status(mut self, status: StatusCode) -> Self {
+        if (400..=599).contains(&status.as_u16()) {
+            self.rejector.rejection.status = status;
+            self.settings.bad_status = None;
+        } else {
+            self.settings.bad_status = Some(status);
+        }
+        self
+    }
+
+    /// The body of a limited request's response (default short text).
+    pub fn body(mut self, body: RejectionBody) -> Self {
+        self.rejector.rejection.body = body;
+        self
+    }
+
+    /// Answers denied requests with `reject(&decision, &request_parts)`, a response of the
+    /// inner service's body type. tollgate still adds `Retry-After` (unless the response has
+    /// one) and the rate-limit fields, unless [`rejection_fields(false)`](Builder::rejection_fields),
+    /// and puts the decision into the response's extensions.
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, routing::get};
+    /// use http::{Response, StatusCode};
+    /// use tollgate::RateLimitLayer;
+    ///
+    /// let layer = RateLimitLayer::builder("60/m".parse()?)
+    ///     .reject_with(|decision, req| {
+    ///         let text = format!("slow down on {} ({} left)", req.uri.path(), decision.remaining());
+    ///         let mut res = Response::new(Body::from(text));
+    ///         *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    ///         res
+    ///     })
+    ///     .build()?;
+    /// let app: Router = Router::new().route("/", get(|| async { "hi" })).layer(layer);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn reject_with<F, B>(self, reject: F) -> Builder<St, K, RejectWith<F>>
+    where
+        F: Fn(&crate::Decision, &Parts) -> Response<B> + Send + Sync + 'static,
+    {
+        Builder {
+            settings: self.settings,
+            store: self.store,
+            key: self.key,
+            rejector: RejectWith(reject),
+        }
+    }
+
+    /// Answers denied requests with anything axum can turn into a response (feature `axum`),
+    /// as [`reject_with`](Builder::reject_with) does.
+    ///
+    /// ```
+    /// use axum::{Json, Router, routing::get};
+    /// use http::StatusCode;
+    /// use tollgate::RateLimitLayer;
+    ///
+    /// let layer = RateLimitLayer::builder("60/m".parse()?)
+    ///     .reject_into_response(|decision, _req| {
+    ///         let retry = decision.retry_after().map(|r| r.as_secs_f64());
+    ///         (StatusCode::TOO_MANY_REQUESTS, Json(serde_json::json!({ "retry_in": retry })))
+    ///     })
+    ///     .build()?;
+    /// let app: Router = Router::new().route("/", get(|| async { "hi" })).layer(layer);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "axum")]
+    pub fn reject_into_response<F, T>(
+        self,
+        reject: F,
+    ) -> Builder<St, K, crate::response::RejectIntoResponse<F>>
+    where
+        F: Fn(&crate::Decision, &Parts) -> T + Send + Sync + 'static,
+        T: axum::response::IntoResponse,
+    {
+        Builder {
+            settings: self.settings,
+            store: self.store,
+            key: self.key,
+            rejector: crate::response::RejectIntoResponse(reject),
+        }
+    }
+}
+
+impl<St, K, R> Builder<St, K, R> {
     /// The policy name, sent in `RateLimit` headers and used to namespace store keys
     /// (default `"default"`). 1 to 64 characters of ASCII letters, digits and `-_.:`.
+    ///
+    /// Layers that share a store and a name share their clients' state, which is right only
+    /// when they enforce the same quotas (the same limit on several routers, or several app
+    /// instances). So [`build`](Builder::build) fails when the store already has the name with
+    /// other quotas, and when a second layer without a name of its own is built on a store
+    /// that already has an unnamed one: name every layer of a shared store.
     pub fn policy(mut self, name: &str) -> Self {
         self.settings.policy_name = Some(name.to_owned());
         self
@@ -344,21 +368,25 @@ impl<St, K> Builder<St, K> {
     }
 
     /// How clients are identified (default: [`ClientIp`] with no trusted proxies).
-    pub fn key<K2: KeyExtractor>(self, key: K2) -> Builder<St, K2> {
+    pub fn key<K2: KeyExtractor>(self, key: K2) -> Builder<St, K2, R> {
         Builder {
             settings: self.settings,
             store: self.store,
             key,
+            rejector: self.rejector,
         }
     }
 
     /// Where state lives (default: a new [`MemoryStore`]). Pass a clone of one store to several
-    /// layers to share it; each layer's policy name keeps their keys apart.
-    pub fn store<St2: Store>(self, store: St2) -> Builder<St2, K> {
+    /// layers to share it; each layer's policy name keeps their keys apart, and `build`
+    /// refuses a name that the store already knows with other quotas, or a second layer left
+    /// unnamed on one store (see [`Builder::policy`]).
+    pub fn store<St2: Store>(self, store: St2) -> Builder<St2, K, R> {
         Builder {
             settings: self.settings,
             store,
             key: self.key,
+            rejector: self.rejector,
         }
     }
 
@@ -440,15 +468,24 @@ impl<St, K> Builder<St, K> {
         self
     }
 
-    /// The status of a limited request's response (default 429; 400..=599).
-    pub fn status(mut self, status: u16) -> Self {
-        self.settings.status = status;
+    /// Whether tollgate adds `Retry-After` and the rate-limit fields to rejections (default
+    /// true). Turn it off when a custom rejection ([`reject_with`](Builder::reject_with)) sets
+    /// exactly the fields it wants.
+    pub fn rejection_fields(mut self, on: bool) -> Self {
+        self.settings.rejection_fields = on;
         self
     }
 
-    /// The body of a limited request's response (default short text).
-    pub fn body(mut self, body: RejectionBody) -> Self {
-        self.settings.body = body;
+    /// Log client keys as they are in `tollgate::*` events, instead of their fingerprints
+    /// (default false).
+    ///
+    /// **Dangerous:** a key is the client's identity, often an API key, which is a credential:
+    /// anyone who reads the logs can then act as that client. The default logs
+    /// [`Key::fingerprint`](crate::Key::fingerprint), a keyed hash that lets you correlate the
+    /// events of one client within a process without revealing the key. Turn this on only for
+    /// local debugging, never where logs leave the machine.
+    pub fn log_raw_keys(mut self, on: bool) -> Self {
+        self.settings.log_raw_keys = on;
         self
     }
 
@@ -459,7 +496,7 @@ impl<St, K> Builder<St, K> {
         self
     }
 
-    fn parts(self, policy: Policy) -> Shared<St, K> {
+    fn parts(self, policy: Policy) -> Shared<St, K, R> {
         Shared {
             fields: PolicyFields::new(&policy),
             policy,
@@ -475,28 +512,29 @@ impl<St, K> Builder<St, K> {
             reset_style: self.settings.reset_style,
             headers_on_allowed: self.settings.headers_on_allowed,
             degraded_header: self.settings.degraded_header,
-            rejection: Rejection {
-                status: StatusCode::from_u16(self.settings.status)
-                    .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
-                body: self.settings.body,
-            },
+            rejector: self.rejector,
+            rejection_fields: self.settings.rejection_fields,
             log_level: self.settings.log_level,
+            log_raw_keys: self.settings.log_raw_keys,
             counters: Counters::new(),
             last_warning: AtomicU64::new(0),
+            last_key_error: AtomicU64::new(0),
             started: std::time::Instant::now(),
         }
     }
 }
 
-impl<St: Store, K: KeyExtractor> Builder<St, K> {
+impl<St: Store, K: KeyExtractor, R> Builder<St, K, R> {
     /// The layer.
     ///
     /// # Errors
-    /// [`ConfigError`] for an invalid policy name, a status outside 400..=599, a custom body
-    /// without a content type, or a fallback divisor of 0.
-    pub fn build(self) -> Result<RateLimitLayer<St, K>, ConfigError> {
-        if !(400..=599).contains(&self.settings.status) {
-            return Err(ConfigError::Status(self.settings.status));
+    /// [`ConfigError`] for an invalid policy name, a status outside 400..=599, a fallback
+    /// divisor of 0, or a policy that conflicts with one the store already has
+    /// ([`ConfigError::PolicyConflict`], [`ConfigError::UnnamedPolicy`]; see
+    /// [`Builder::policy`]).
+    pub fn build(self) -> Result<RateLimitLayer<St, K, R>, ConfigError> {
+        if let Some(status) = self.settings.bad_status {
+            return Err(ConfigError::Status(status.as_u16()));
         }
         if self.settings.delay_after == Some(0) {
             return Err(ConfigError::Invalid(
@@ -504,10 +542,14 @@ impl<St: Store, K: KeyExtractor> Builder<St, K> {
                     .into(),
             ));
         }
+        let named = self.settings.policy_name.is_some();
         let name = self.settings.policy_name.as_deref().unwrap_or("default");
         let quotas =
             std::iter::once(self.settings.quota).chain(self.settings.more_quotas.iter().copied());
         let policy = Policy::multi(name, quotas)?;
+        if let Some(registry) = self.store.registry() {
+            registry.register(&policy, named)?;
+        }
         let fallback = match self.settings.fail_mode {
             FailMode::Fallback { divisor } => Some((MemoryStore::new(), policy.divided(divisor)?)),
             _ => None,
@@ -518,34 +560,3 @@ impl<St: Store, K: KeyExtractor> Builder<St, K> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn striped_counters_lose_no_count_across_threads() {
-        let counters = Counters::new();
-        assert!(counters.stripes.len().is_power_of_two());
-        // More threads than stripes, so some share a stripe and their adds contend.
-        let threads = counters.stripes.len() * 2 + 3;
-        std::thread::scope(|s| {
-            for t in 0..threads {
-                let counters = &counters;
-                s.spawn(move || {
-                    for _ in 0..1_000 {
-                        counters.add(Counter::Allowed);
-                    }
-                    for _ in 0..t {
-                        counters.add(Counter::Denied);
-                    }
-                });
-            }
-        });
-        assert_eq!(counters.get(Counter::Allowed), 1_000 * threads as u64);
-        assert_eq!(
-            counters.get(Counter::Denied),
-            (0..threads as u64).sum::<u64>()
-        );
-        assert_eq!(counters.get(Counter::Delayed), 0);
-    }
-}

@@ -42,6 +42,7 @@
 //! Minimum supported Rust version: 1.88.
 
 pub mod clock;
+mod decide;
 pub mod decision;
 pub mod error;
 mod future;
@@ -55,14 +56,17 @@ mod service;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
-pub use decision::{Decision, Outcome};
+pub use decide::Stats;
+pub use decision::{Decision, Decisions, Outcome};
 pub use error::{ConfigError, QuotaError, StoreError, StoreErrorKind};
 pub use future::ResponseFuture;
 pub use headers::{HeaderStyle, ResetStyle};
-pub use key::{Key, KeyExtractor};
-pub use layer::{Builder, RateLimitLayer, Stats};
+pub use key::{Fingerprint, Key, KeyError, KeyExtractor};
+pub use layer::{Builder, RateLimitLayer};
 pub use quota::Quota;
-pub use response::{RateLimitBody, RejectionBody};
+#[cfg(feature = "axum")]
+pub use response::RejectIntoResponse;
+pub use response::{DefaultRejection, RateLimitBody, RejectWith, RejectionBody, Rejector};
 pub use service::RateLimit;
 pub use store::memory::{DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
@@ -70,7 +74,7 @@ pub use store::redis::RedisStore;
 pub use store::{
     BreakerConfig, BreakerState, BreakerStats, CircuitBreaker, DenyCache, DenyCacheStats,
 };
-pub use store::{FailMode, Policy, Store};
+pub use store::{BoxStore, FailMode, Policy, PolicyRegistry, Store};
 
 /// The README's examples, compiled and run as doctests so they never go stale.
 #[cfg(doctest)]

@@ -219,7 +219,18 @@ impl fmt::Display for Quota {
 }
 
 /// Parses `"<limit>/<period>"`, e.g. `"60/m"`, `"10/s"`, `"1000/h"`, `"5/30s"`, `"2/500ms"`,
-/// optionally followed by `";capacity=<n>"` (alias `burst`).
+/// optionally followed by `";capacity=<n>"` (the most requests admitted at one instant) or
+/// `";burst=<b>"` with nginx's meaning: `b` requests *beyond* the first, so `burst=b` is
+/// capacity `b + 1` (nginx `limit_req burst=5` admits 6 at once from idle).
+///
+/// ```
+/// use tollgate::Quota;
+///
+/// let q: Quota = "10/s;burst=5".parse()?;
+/// assert_eq!(q.capacity(), 6);
+/// assert_eq!(q, "10/s;capacity=6".parse()?);
+/// # Ok::<(), tollgate::QuotaError>(())
+/// ```
 ///
 /// Units: `us`, `ms`, `s`/`sec`, `m`/`min`, `h`/`hour`, `d`/`day`; a number before the unit
 /// multiplies it.
@@ -233,10 +244,14 @@ impl FromStr for Quota {
         let (rate, capacity) = match s.split_once(';') {
             Some((rate, extra)) => {
                 let (name, value) = extra.trim().split_once('=').ok_or_else(bad)?;
-                if !matches!(name.trim(), "capacity" | "burst") {
-                    return Err(bad());
-                }
-                (rate, Some(value.trim().parse::<u32>().map_err(|_| bad())?))
+                let value = value.trim().parse::<u32>().map_err(|_| bad())?;
+                let capacity = match name.trim() {
+                    "capacity" => value,
+                    // nginx: `burst` requests beyond the first.
+                    "burst" => value.checked_add(1).ok_or_else(bad)?,
+                    _ => return Err(bad()),
+                };
+                (rate, Some(capacity))
             }
             None => (s, None),
         };
@@ -294,9 +309,21 @@ mod serde_impl {
                     while let Some(k) = map.next_key::<String>()? {
                         match k.as_str() {
                             "rate" => rate = Some(map.next_value()?),
-                            "capacity" | "burst" => capacity = Some(map.next_value()?),
+                            "capacity" => capacity = Some(map.next_value()?),
+                            // nginx's meaning: requests beyond the first.
+                            "burst" => {
+                                let burst: u32 = map.next_value()?;
+                                capacity = Some(burst.checked_add(1).ok_or_else(|| {
+                                    de::Error::custom(
+                                        "burst is too large; write capacity = N instead",
+                                    )
+                                })?);
+                            }
                             other => {
-                                return Err(de::Error::unknown_field(other, &["rate", "capacity"]));
+                                return Err(de::Error::unknown_field(
+                                    other,
+                                    &["rate", "capacity", "burst"],
+                                ));
                             }
                         }
                     }
@@ -332,7 +359,9 @@ mod tests {
             ("5/30s", 5, 30, 5),
             ("7/d", 7, 86_400, 7),
             ("10/s;capacity=25", 10, 1, 25),
-            (" 3 / 2min ; burst = 1", 3, 120, 1),
+            (" 3 / 2min ; burst = 1", 3, 120, 2),
+            ("10/s;burst=5", 10, 1, 6),
+            ("10/s;burst=0", 10, 1, 1),
         ];
         for (input, limit, secs, capacity) in cases {
             let q: Quota = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));

@@ -1,16 +1,98 @@
-//! The response for a limited request: status, `Retry-After`, and a short body, and the
-//! [`RateLimitBody`] that carries either it or the inner service's body.
+//! The response for a limited request: the [`Rejector`] that builds it (tollgate's own
+//! [`DefaultRejection`], your closure, or with the `axum` feature anything `IntoResponse`), and
+//! the [`RateLimitBody`] that carries either it or the inner service's body.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::decision::Decision;
 use crate::headers::{ceil_secs, decimal_len, retry_after_value};
+
+/// Builds the response to a denied request. The layer then adds `Retry-After` (unless the
+/// response has one) and its rate-limit fields, unless told not to with
+/// [`Builder::rejection_fields`](crate::Builder::rejection_fields), and puts the [`Decision`]
+/// into the response's extensions.
+///
+/// Implemented by [`DefaultRejection`] (status, text or JSON body), by [`RejectWith`] for a
+/// closure returning the inner service's response type, and with the `axum` feature by
+/// [`RejectIntoResponse`] for a closure returning anything `IntoResponse`.
+pub trait Rejector<B>: Send + Sync + 'static {
+    /// The response for `decision` (denied, or impossible: [`Decision::retry_after`] is `None`
+    /// then) about the request with `parts`.
+    fn reject(&self, decision: &Decision, parts: &Parts) -> Response<RateLimitBody<B>>;
+}
+
+/// tollgate's own rejection: a status (default 429), `Retry-After`, and a short text or JSON
+/// body ([`RejectionBody`]). Configured with [`Builder::status`](crate::Builder::status) and
+/// [`Builder::body`](crate::Builder::body).
+#[derive(Debug, Clone)]
+pub struct DefaultRejection {
+    pub(crate) rejection: Rejection,
+}
+
+impl<B: 'static> Rejector<B> for DefaultRejection {
+    fn reject(&self, decision: &Decision, _parts: &Parts) -> Response<RateLimitBody<B>> {
+        let policy = decision.policy().unwrap_or("default");
+        self.rejection.response(policy, decision.retry_after())
+    }
+}
+
+/// A closure `Fn(&Decision, &Parts) -> http::Response<B>` that answers denied requests, with
+/// `B` the inner service's body type. Made by [`Builder::reject_with`](crate::Builder::reject_with).
+#[derive(Clone)]
+pub struct RejectWith<F>(pub(crate) F);
+
+impl<F> std::fmt::Debug for RejectWith<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RejectWith(..)")
+    }
+}
+
+impl<F, B> Rejector<B> for RejectWith<F>
+where
+    F: Fn(&Decision, &Parts) -> Response<B> + Send + Sync + 'static,
+{
+    fn reject(&self, decision: &Decision, parts: &Parts) -> Response<RateLimitBody<B>> {
+        (self.0)(decision, parts).map(RateLimitBody::inner)
+    }
+}
+
+/// A closure returning anything axum can turn into a response, for axum routers (feature
+/// `axum`). Made by [`Builder::reject_into_response`](crate::Builder::reject_into_response).
+#[cfg(feature = "axum")]
+#[derive(Clone)]
+pub struct RejectIntoResponse<F>(pub(crate) F);
+
+#[cfg(feature = "axum")]
+impl<F> std::fmt::Debug for RejectIntoResponse<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RejectIntoResponse(..)")
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<F, T> Rejector<axum::body::Body> for RejectIntoResponse<F>
+where
+    F: Fn(&Decision, &Parts) -> T + Send + Sync + 'static,
+    T: axum::response::IntoResponse,
+{
+    fn reject(
+        &self,
+        decision: &Decision,
+        parts: &Parts,
+    ) -> Response<RateLimitBody<axum::body::Body>> {
+        (self.0)(decision, parts)
+            .into_response()
+            .map(RateLimitBody::inner)
+    }
+}
 
 /// What a limited request's body says.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -102,6 +184,20 @@ impl Rejection {
         }
         res
     }
+}
+
+/// `500 Internal Server Error`: the key extractor could not identify the client, which is a
+/// misconfiguration (the log says which).
+pub(crate) fn misconfigured<B>() -> Response<RateLimitBody<B>> {
+    let mut res = Response::new(RateLimitBody::rejection(Bytes::from_static(
+        b"Internal Server Error: the rate limiter cannot identify the client (see the server log)\n",
+    )));
+    *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
 }
 
 /// `503 Service Unavailable` with `Retry-After: 1`: the store failed and the fail mode is closed.

@@ -1,6 +1,6 @@
 //! [`RateLimit`]: the middleware service. A request is decided in [`RateLimit::call`], which
 //! extracts the key and starts the store's check; [`ResponseFuture`](crate::future::ResponseFuture)
-//! finishes the decision and calls the inner service.
+//! waits for the store if it must, and `decide.rs` turns the store's answer into the verdict.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -8,33 +8,52 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
+use crate::decide::Shared;
 use crate::future::ResponseFuture;
 use crate::key::KeyExtractor;
-use crate::layer::Shared;
-use crate::response::RateLimitBody;
+use crate::layer::RateLimitLayer;
+use crate::response::{DefaultRejection, RateLimitBody, Rejector};
 use crate::store::Store;
 
 /// A service rate-limited by a [`RateLimitLayer`](crate::RateLimitLayer).
 ///
 /// Limited requests get an `Ok` response (429 by default), so the inner service's error type
 /// is unchanged and axum needs no `HandleErrorLayer`.
-pub struct RateLimit<S, St, K> {
+pub struct RateLimit<S, St, K, R = DefaultRejection> {
     inner: S,
-    shared: Arc<Shared<St, K>>,
+    shared: Arc<Shared<St, K, R>>,
 }
 
-impl<S, St, K> RateLimit<S, St, K> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared<St, K>>) -> Self {
+impl<S, St, K, R> RateLimit<S, St, K, R> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<St, K, R>>) -> Self {
         Self { inner, shared }
+    }
+
+    /// The layer that wraps services in `RateLimit`, as tower-http names it:
+    /// `RateLimit::layer(layer)` is `layer` itself, for symmetry with
+    /// `tower_http::timeout::Timeout::layer(..)`-style call sites. Build it with
+    /// [`RateLimitLayer::builder`].
+    pub fn layer(layer: RateLimitLayer<St, K, R>) -> RateLimitLayer<St, K, R> {
+        layer
     }
 
     /// The wrapped service.
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
-impl<S: Clone, St, K> Clone for RateLimit<S, St, K> {
+impl<S: Clone, St, K, R> Clone for RateLimit<S, St, K, R> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -43,7 +62,7 @@ impl<S: Clone, St, K> Clone for RateLimit<S, St, K> {
     }
 }
 
-impl<S: std::fmt::Debug, St, K> std::fmt::Debug for RateLimit<S, St, K> {
+impl<S: std::fmt::Debug, St, K, R> std::fmt::Debug for RateLimit<S, St, K, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
@@ -52,15 +71,16 @@ impl<S: std::fmt::Debug, St, K> std::fmt::Debug for RateLimit<S, St, K> {
     }
 }
 
-impl<S, St, K, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, St, K>
+impl<S, St, K, R, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, St, K, R>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     St: Store,
     K: KeyExtractor,
+    R: Rejector<ResBody>,
 {
     type Response = Response<RateLimitBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, St, K, ReqBody, ResBody>;
+    type Future = ResponseFuture<S, St, K, R, ReqBody, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -72,7 +92,17 @@ where
         let key = if shared.skip.as_ref().is_some_and(|skip| skip(&parts)) {
             None
         } else {
-            shared.key.extract(&parts)
+            match shared.key.try_extract(&parts) {
+                Ok(key) => key,
+                Err(error) => {
+                    // Answered without the inner service: give up the ready instance now, so
+                    // that whatever it reserved is released with this response.
+                    let clone = self.inner.clone();
+                    drop(std::mem::replace(&mut self.inner, clone));
+                    let response = shared.unidentified(&error);
+                    return ResponseFuture::respond(response, Arc::clone(shared));
+                }
+            }
         };
         let Some(key) = key else {
             shared.count_unlimited();

@@ -590,6 +590,10 @@ impl<S: Store, C: Clock> Store for CircuitBreaker<S, C> {
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.store.reset(policy, key)
     }
+
+    fn registry(&self) -> Option<&crate::store::PolicyRegistry> {
+        self.store.registry()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -526,6 +526,10 @@ impl<S: Store, C: Clock> Store for DenyCache<S, C> {
         Some(result)
     }
 
+    fn registry(&self) -> Option<&crate::store::PolicyRegistry> {
+        self.store.registry()
+    }
+
     fn reset(
         &self,
         policy: &Policy,

@@ -29,7 +29,7 @@ use crate::gcra;
 use crate::key::Key;
 use crate::store::frozen::{self, Frozen};
 use crate::store::keyspace::{Bound, MAX_COMPOSED, StoredKey, compose, eviction_threshold};
-use crate::store::{Policy, Store};
+use crate::store::{Policy, PolicyRegistry, Store};
 
 /// The default bound on stored keys.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
@@ -70,6 +70,8 @@ struct Inner<C> {
     bound: Bound,
     /// Frozen denials remembered per thread, for policies with a slot of their own.
     frozen: Frozen,
+    /// The policies layers were built with, so that two never share a name by accident.
+    registry: PolicyRegistry,
 }
 
 /// How many policies get maps of their own; more are served by the shared overflow maps.
@@ -181,6 +183,7 @@ impl<C: Clock> MemoryStore<C> {
                 max_keys,
                 bound: Bound::new(MIN_SWEEP_INTERVAL),
                 frozen: Frozen::new(),
+                registry: PolicyRegistry::new(),
             }),
         }
     }
@@ -447,6 +450,10 @@ impl<C: Clock> Store for MemoryStore<C> {
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.remove(policy, key);
         ready(Ok(()))
+    }
+
+    fn registry(&self) -> Option<&PolicyRegistry> {
+        Some(&self.inner.registry)
     }
 }
 

@@ -5,6 +5,7 @@
 //! [`MemoryStore`](crate::MemoryStore) for one process, and `RedisStore` (feature `redis`) for
 //! many app servers sharing one limit. Implement the trait to plug in your own.
 
+mod boxed;
 pub mod breaker;
 pub mod deny_cache;
 mod frozen;
@@ -13,11 +14,13 @@ pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 
+pub use boxed::{BoxStore, BoxStoreFuture};
 pub use breaker::{BreakerConfig, BreakerFuture, BreakerState, BreakerStats, CircuitBreaker};
 pub use deny_cache::{DenyCache, DenyCacheFuture, DenyCacheStats};
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::decision::Decision;
 use crate::error::{ConfigError, StoreError};
@@ -182,6 +185,88 @@ pub trait Store: Send + Sync + 'static {
         policy: &Policy,
         key: &Key,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The policies layers have been built with on this store, so that a layer whose policy
+    /// would silently share state with another's is refused when it is built. Stores that
+    /// keep one (every store in tollgate) return it; wrappers return their inner store's.
+    /// The default is `None`: no check.
+    fn registry(&self) -> Option<&PolicyRegistry> {
+        None
+    }
+}
+
+/// The policies known to one store, by name: a layer whose policy has the name of another with
+/// different quotas would share (and corrupt) its clients' state, so registering it fails.
+///
+/// A store that namespaces keys by policy name should own one and return it from
+/// [`Store::registry`]; the layer registers its policy when it is built.
+#[derive(Debug, Default)]
+pub struct PolicyRegistry {
+    policies: Mutex<HashMap<Arc<str>, Registered>>,
+}
+
+#[derive(Debug)]
+struct Registered {
+    quotas: Arc<[Quota]>,
+    /// Registered by a layer that was not given a name (so it is called `default`).
+    unnamed: bool,
+}
+
+impl PolicyRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records `policy`; `named` says whether its layer was given the name explicitly.
+    ///
+    /// # Errors
+    /// [`ConfigError::PolicyConflict`] when the name is known with other quotas;
+    /// [`ConfigError::UnnamedPolicy`] when an unnamed layer's policy meets another unnamed one.
+    pub fn register(&self, policy: &Policy, named: bool) -> Result<(), ConfigError> {
+        let mut policies = self
+            .policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match policies.get(policy.name()) {
+            Some(known) if *known.quotas != *policy.quotas() => {
+                Err(ConfigError::PolicyConflict {
+                    name: policy.name().to_owned(),
+                    known: quota_list(&known.quotas),
+                    new: quota_list(policy.quotas()),
+                })
+            }
+            Some(known) if known.unnamed && !named => Err(ConfigError::UnnamedPolicy),
+            Some(_) => Ok(()),
+            None => {
+                policies.insert(
+                    Arc::clone(policy.name_arc()),
+                    Registered {
+                        quotas: Arc::clone(&policy.quotas),
+                        unnamed: !named,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// The quotas registered under `name`, if any.
+    pub fn quotas(&self, name: &str) -> Option<Arc<[Quota]>> {
+        let policies = self
+            .policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        policies.get(name).map(|known| Arc::clone(&known.quotas))
+    }
+}
+
+fn quota_list(quotas: &[Quota]) -> String {
+    quotas
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 impl<S: Store> Store for Arc<S> {
@@ -210,6 +295,10 @@ impl<S: Store> Store for Arc<S> {
         key: &Key,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).reset(policy, key)
+    }
+
+    fn registry(&self) -> Option<&PolicyRegistry> {
+        (**self).registry()
     }
 }
 

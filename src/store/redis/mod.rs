@@ -79,6 +79,8 @@ pub struct RedisStore {
 
 struct Inner {
     backend: Backend,
+    /// The policies layers were built with, so that two never share a name by accident.
+    registry: crate::store::PolicyRegistry,
     prefix: Box<str>,
     command_timeout: Duration,
     script: redis::Script,
@@ -336,6 +338,7 @@ impl RedisStoreBuilder {
         let store = RedisStore {
             inner: Arc::new(Inner {
                 backend,
+                registry: crate::store::PolicyRegistry::new(),
                 prefix: self.prefix.into(),
                 command_timeout: self.command_timeout,
                 script: redis::Script::new(GCRA_LUA),
@@ -580,6 +583,10 @@ impl Store for RedisStore {
         };
         let inner = Arc::clone(&self.inner);
         async move { inner.del(redis_keys).await }
+    }
+
+    fn registry(&self) -> Option<&crate::store::PolicyRegistry> {
+        Some(&self.inner.registry)
     }
 }
 

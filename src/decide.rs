@@ -1,0 +1,509 @@
+//! What a store's answer becomes: admit, delay, reject or degrade, with the layer's counters and
+//! log events. [`Shared`] is everything a layer's services share; the response future calls
+//! [`Shared::verdict`] once the store has answered, and nothing else decides.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crossbeam_utils::CachePadded;
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Response};
+use tracing::Level;
+
+use crate::MemoryStore;
+use crate::decision::{Decision, Outcome};
+use crate::error::StoreError;
+use crate::headers::{self, HeaderStyle, PolicyFields, ResetStyle};
+use crate::key::{Key, KeyError};
+use crate::response::{RateLimitBody, Rejector, misconfigured, store_unavailable};
+use crate::store::{FailMode, Policy};
+
+/// What a request costs, from its parts.
+pub(crate) type CostFn = dyn Fn(&Parts) -> u32 + Send + Sync;
+/// Whether a request passes unlimited, from its parts.
+pub(crate) type SkipFn = dyn Fn(&Parts) -> bool + Send + Sync;
+
+/// Everything a layer's services share: its policy, store, key extractor, rejection and
+/// settings, all fixed when the layer is built, and its live counters.
+pub(crate) struct Shared<St, K, R> {
+    pub(crate) policy: Policy,
+    pub(crate) fields: PolicyFields,
+    pub(crate) store: St,
+    pub(crate) key: K,
+    pub(crate) cost: Option<Arc<CostFn>>,
+    pub(crate) skip: Option<Arc<SkipFn>>,
+    pub(crate) fail_mode: FailMode,
+    /// The local limiter for [`FailMode::Fallback`], with the divided quota.
+    pub(crate) fallback: Option<(MemoryStore, Policy)>,
+    pub(crate) dry_run: bool,
+    /// Delay admitted requests beyond the first `n` of a burst (nginx without `nodelay`).
+    pub(crate) delay_after: Option<u32>,
+    pub(crate) header_style: HeaderStyle,
+    pub(crate) reset_style: ResetStyle,
+    pub(crate) headers_on_allowed: bool,
+    pub(crate) degraded_header: bool,
+    pub(crate) rejector: R,
+    /// Add `Retry-After` and the rate-limit fields to the rejector's responses.
+    pub(crate) rejection_fields: bool,
+    pub(crate) log_level: Level,
+    /// Log client keys as they are instead of their fingerprints (an explicit opt-in).
+    pub(crate) log_raw_keys: bool,
+    pub(crate) counters: Counters,
+    /// Microseconds (monotonic, since `started`) of the last store-failure warning.
+    pub(crate) last_warning: AtomicU64,
+    /// The same, for requests whose client could not be identified.
+    pub(crate) last_key_error: AtomicU64,
+    pub(crate) started: Instant,
+}
+
+/// What to do with a request once the store (or the fail mode) has decided.
+pub(crate) enum Verdict<B> {
+    /// Call the inner service; `fields` says whether the decision's fields go on the response
+    /// (not for fail-open verdicts).
+    Pass { decision: Decision, fields: bool },
+    /// Answer without calling the inner service.
+    Respond(Response<RateLimitBody<B>>),
+}
+
+/// What the fail mode makes of a request whose store failed.
+enum Degraded {
+    /// The fallback limiter's decision, to be treated as the store's.
+    Fallback(Decision),
+    /// Fail-open: admitted, without rate-limit fields.
+    Open(Decision),
+    /// Fail-closed: 503.
+    Closed,
+}
+
+impl<St, K, R> Shared<St, K, R> {
+    /// The verdict on a request whose store check gave `result`.
+    pub(crate) fn verdict<B>(
+        &self,
+        result: Result<Decision, StoreError>,
+        key: &Key,
+        cost: u32,
+        parts: &Parts,
+    ) -> Verdict<B>
+    where
+        R: Rejector<B>,
+    {
+        let mut decision = match result {
+            Ok(decision) => decision,
+            Err(error) => match self.degrade(&error, key, cost) {
+                Degraded::Fallback(decision) => decision,
+                Degraded::Open(decision) => {
+                    return Verdict::Pass {
+                        decision,
+                        fields: false,
+                    };
+                }
+                Degraded::Closed => {
+                    let mut response = store_unavailable();
+                    self.mark_degraded(response.headers_mut(), "fail-closed");
+                    return Verdict::Respond(response);
+                }
+            },
+        };
+        decision.set_policy(self.policy.name_arc());
+        if decision.outcome() == Outcome::Allowed {
+            self.counters.add(Counter::Allowed);
+            return Verdict::Pass {
+                decision,
+                fields: true,
+            };
+        }
+        self.log_limited(key, cost, &decision);
+        if self.dry_run {
+            self.counters.add(Counter::DryRunDenied);
+            return Verdict::Pass {
+                decision,
+                fields: true,
+            };
+        }
+        self.counters.add(Counter::Denied);
+        Verdict::Respond(self.reject(decision, parts))
+    }
+
+    /// The store failed: what the fail mode makes of the request.
+    fn degrade(&self, error: &StoreError, key: &Key, cost: u32) -> Degraded {
+        self.counters.add(Counter::StoreErrors);
+        self.counters.add(Counter::Degraded);
+        self.warn_store_failure(error, key);
+        match (&self.fail_mode, &self.fallback) {
+            (FailMode::Closed, _) => Degraded::Closed,
+            (FailMode::Fallback { .. }, Some((store, policy))) => {
+                let mut decision = store.check_now(policy, key, cost);
+                decision.degraded = true;
+                Degraded::Fallback(decision)
+            }
+            _ => {
+                self.counters.add(Counter::Allowed);
+                let mut decision = Decision::fail_open(self.policy.quota());
+                decision.set_policy(self.policy.name_arc());
+                Degraded::Open(decision)
+            }
+        }
+    }
+
+    /// The rejection of a denied (or impossible) request, with `Retry-After`, this layer's
+    /// fields and the decision in its extensions.
+    fn reject<B>(&self, decision: Decision, parts: &Parts) -> Response<RateLimitBody<B>>
+    where
+        R: Rejector<B>,
+    {
+        let mut response = self.rejector.reject(&decision, parts);
+        if self.rejection_fields {
+            let headers = response.headers_mut();
+            if let Some(retry) = decision.retry_after()
+                && !headers.contains_key(http::header::RETRY_AFTER)
+            {
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    headers::retry_after_value(retry),
+                );
+            }
+            if self.header_style == HeaderStyle::Both {
+                // Seven fields or more: room for them at once (a map grows past 6 otherwise).
+                headers.reserve(8);
+            }
+            headers::apply(
+                headers,
+                self.header_style,
+                self.reset_style,
+                &self.fields,
+                &decision,
+            );
+        }
+        if decision.is_degraded() {
+            self.mark_degraded(response.headers_mut(), "fallback");
+        }
+        crate::decision::Decisions::push_outer(response.extensions_mut(), decision);
+        response
+    }
+
+    /// The answer to a request whose client the key extractor could not identify (a
+    /// misconfiguration, such as a server that provides no peer address): 500, and an error
+    /// logged at most once a second.
+    pub(crate) fn unidentified<B>(&self, error: &KeyError) -> Response<RateLimitBody<B>> {
+        self.counters.add(Counter::KeyErrors);
+        if once_a_second(&self.last_key_error, self.started) {
+            tracing::error!(
+                target: "tollgate::key",
+                policy = self.policy.name(),
+                error = %error,
+                "rate limiter cannot identify the client; answering 500"
+            );
+        }
+        misconfigured()
+    }
+
+    /// Adds the rate-limit fields of an admitted request's `decision` to its response, marks a
+    /// degraded one, and records the decision in the response's extensions.
+    pub(crate) fn finish_admitted<B>(
+        &self,
+        response: &mut Response<B>,
+        decision: Decision,
+        fields: bool,
+    ) {
+        if fields && self.headers_on_allowed {
+            headers::apply(
+                response.headers_mut(),
+                self.header_style,
+                self.reset_style,
+                &self.fields,
+                &decision,
+            );
+        }
+        if decision.is_degraded() {
+            self.mark_degraded(
+                response.headers_mut(),
+                if fields { "fallback" } else { "fail-open" },
+            );
+        }
+        crate::decision::Decisions::push_outer(response.extensions_mut(), decision);
+    }
+
+    /// Adds `x-ratelimit-degraded: <how>` when the layer is configured to show degraded
+    /// decisions.
+    fn mark_degraded(&self, headers: &mut HeaderMap, how: &'static str) {
+        if self.degraded_header {
+            headers.insert(
+                headers::X_RATELIMIT_DEGRADED.clone(),
+                HeaderValue::from_static(how),
+            );
+        }
+    }
+
+    pub(crate) fn count_unlimited(&self) {
+        self.counters.add(Counter::Unlimited);
+    }
+
+    /// How long an admitted request waits before it is served (nginx `limit_req` without
+    /// `nodelay`): `None` unless the layer delays and the request is beyond the first
+    /// `delay_after` of a burst.
+    pub(crate) fn delay_for(&self, decision: &Decision, key: &Key) -> Option<std::time::Duration> {
+        let after = self.delay_after?;
+        if !decision.is_allowed() || decision.is_degraded() {
+            return None;
+        }
+        let delay = decision
+            .per_quota()
+            .iter()
+            .map(|d| d.excess_over(after))
+            .max()
+            .filter(|d| !d.is_zero())?;
+        self.counters.add(Counter::Delayed);
+        let key = self.log_key(key);
+        // nginx logs delays one level below rejections.
+        macro_rules! delayed {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "tollgate::limited",
+                    $level,
+                    policy = self.policy.name(),
+                    key = %key,
+                    delay_ms = delay.as_millis() as u64,
+                    "request delayed"
+                )
+            };
+        }
+        match self.log_level {
+            Level::ERROR => delayed!(Level::WARN),
+            Level::WARN => delayed!(Level::INFO),
+            Level::INFO => delayed!(Level::DEBUG),
+            _ => delayed!(Level::TRACE),
+        }
+        Some(delay)
+    }
+
+    fn log_limited(&self, key: &Key, cost: u32, decision: &Decision) {
+        let key = self.log_key(key);
+        macro_rules! limited {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "tollgate::limited",
+                    $level,
+                    policy = self.policy.name(),
+                    key = %key,
+                    cost,
+                    outcome = ?decision.outcome(),
+                    retry_after_ms = decision.retry_after().map(|r| r.as_millis() as u64),
+                    dry_run = self.dry_run,
+                    degraded = decision.is_degraded(),
+                    "request limited"
+                )
+            };
+        }
+        match self.log_level {
+            Level::ERROR => limited!(Level::ERROR),
+            Level::WARN => limited!(Level::WARN),
+            Level::INFO => limited!(Level::INFO),
+            Level::DEBUG => limited!(Level::DEBUG),
+            Level::TRACE => limited!(Level::TRACE),
+        }
+    }
+
+    /// Warns about a store failure at most once a second per layer.
+    fn warn_store_failure(&self, error: &StoreError, key: &Key) {
+        if !once_a_second(&self.last_warning, self.started) {
+            return;
+        }
+        tracing::warn!(
+            target: "tollgate::store",
+            policy = self.policy.name(),
+            key = %self.log_key(key),
+            kind = ?error.kind(),
+            fail_mode = ?self.fail_mode,
+            error = %error,
+            "rate-limit store failed; the fail mode decides"
+        );
+    }
+
+    /// How `key` appears in log events: its fingerprint, unless the layer was told to log
+    /// raw keys.
+    fn log_key<'k>(&self, key: &'k Key) -> LogKey<'k> {
+        LogKey {
+            key,
+            raw: self.log_raw_keys,
+        }
+    }
+}
+
+/// A client key in a log event: `fp:<fingerprint>`, or the raw key when explicitly enabled.
+struct LogKey<'k> {
+    key: &'k Key,
+    raw: bool,
+}
+
+impl fmt::Display for LogKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.raw {
+            write!(f, "{}", self.key.raw())
+        } else {
+            write!(f, "fp:{}", self.key.fingerprint())
+        }
+    }
+}
+
+/// True at most once a second per `last` (microseconds since `started`; 0 = never).
+fn once_a_second(last: &AtomicU64, started: Instant) -> bool {
+    let now = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let before = last.load(Ordering::Relaxed);
+    if before != 0 && now.saturating_sub(before) < 1_000_000 {
+        return false;
+    }
+    last.compare_exchange(before, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// Live counters of one layer, striped over cache lines: each thread counts in its own stripe,
+/// so requests served on different cores never write the same line; a snapshot sums them.
+pub(crate) struct Counters {
+    /// A power of two of them, so a thread's stripe is its index masked.
+    stripes: Box<[CachePadded<[AtomicU64; Counter::COUNT]>]>,
+}
+
+/// What a layer counts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Counter {
+    Allowed,
+    Denied,
+    DryRunDenied,
+    Unlimited,
+    StoreErrors,
+    Degraded,
+    Delayed,
+    KeyErrors,
+}
+
+impl Counter {
+    const COUNT: usize = 8;
+}
+
+/// The most stripes a layer gets.
+const MAX_STRIPES: usize = 64;
+
+impl Counters {
+    pub(crate) fn new() -> Self {
+        let cores = std::thread::available_parallelism().map_or(8, std::num::NonZeroUsize::get);
+        let stripes = cores.next_power_of_two().min(MAX_STRIPES);
+        Self {
+            stripes: (0..stripes).map(|_| CachePadded::default()).collect(),
+        }
+    }
+
+    /// Counts one event in this thread's stripe.
+    #[inline]
+    pub(crate) fn add(&self, counter: Counter) {
+        let stripe = thread_stripe() & (self.stripes.len() - 1);
+        if let Some(counts) = self.stripes.get(stripe) {
+            counts[counter as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The sum over every stripe.
+    pub(crate) fn get(&self, counter: Counter) -> u64 {
+        self.stripes
+            .iter()
+            .map(|counts| counts[counter as usize].load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+
+    /// A snapshot of every counter.
+    pub(crate) fn stats(&self) -> Stats {
+        Stats {
+            allowed: self.get(Counter::Allowed),
+            denied: self.get(Counter::Denied),
+            dry_run_denied: self.get(Counter::DryRunDenied),
+            unlimited: self.get(Counter::Unlimited),
+            store_errors: self.get(Counter::StoreErrors),
+            degraded: self.get(Counter::Degraded),
+            delayed: self.get(Counter::Delayed),
+            unidentified: self.get(Counter::KeyErrors),
+        }
+    }
+}
+
+/// This thread's stripe number: threads are numbered in the order they first count, so the
+/// threads of a runtime land on different stripes.
+#[inline]
+fn thread_stripe() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+    }
+    STRIPE.with(|stripe| {
+        let mut n = stripe.get();
+        if n == usize::MAX {
+            n = NEXT.fetch_add(1, Ordering::Relaxed) % MAX_STRIPES;
+            stripe.set(n);
+        }
+        n
+    })
+}
+
+/// A snapshot of a layer's counters since it was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Stats {
+    /// Requests admitted (including those admitted degraded).
+    pub allowed: u64,
+    /// Requests answered with the rejection status.
+    pub denied: u64,
+    /// Requests that would have been denied, let through by dry-run mode.
+    pub dry_run_denied: u64,
+    /// Requests skipped, or whose key extractor returned `None`.
+    pub unlimited: u64,
+    /// Store failures (each then handled by the fail mode).
+    pub store_errors: u64,
+    /// Decisions made without the store: fail-open, fail-closed or by the fallback limiter.
+    pub degraded: u64,
+    /// Admitted requests that were delayed before being served (see
+    /// [`Builder::delay_after`](crate::Builder::delay_after)).
+    pub delayed: u64,
+    /// Requests answered 500 because the key extractor could not identify the client (see
+    /// [`KeyError`]).
+    pub unidentified: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn striped_counters_lose_no_count_across_threads() {
+        let counters = Counters::new();
+        assert!(counters.stripes.len().is_power_of_two());
+        // More threads than stripes, so some share a stripe and their adds contend.
+        let threads = counters.stripes.len() * 2 + 3;
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let counters = &counters;
+                s.spawn(move || {
+                    for _ in 0..1_000 {
+                        counters.add(Counter::Allowed);
+                    }
+                    for _ in 0..t {
+                        counters.add(Counter::Denied);
+                    }
+                });
+            }
+        });
+        assert_eq!(counters.get(Counter::Allowed), 1_000 * threads as u64);
+        assert_eq!(
+            counters.get(Counter::Denied),
+            (0..threads as u64).sum::<u64>()
+        );
+        assert_eq!(counters.get(Counter::Delayed), 0);
+    }
+
+    #[test]
+    fn each_stripe_has_a_cache_line_of_its_own() {
+        let counters = Counters::new();
+        let size = std::mem::size_of_val(&counters.stripes[0]);
+        assert!(size >= 64 && size.is_multiple_of(64), "{size}");
+    }
+}
