@@ -159,10 +159,7 @@ impl<St, K, R> Shared<St, K, R> {
             if let Some(retry) = decision.retry_after()
                 && !headers.contains_key(http::header::RETRY_AFTER)
             {
-                headers.insert(
-                    http::header::RETRY_AFTER,
-                    headers::retry_after_value(retry),
-                );
+                headers.insert(http::header::RETRY_AFTER, headers::retry_after_value(retry));
             }
             if self.header_style == HeaderStyle::Both {
                 // Seven fields or more: room for them at once (a map grows past 6 otherwise).

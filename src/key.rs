@@ -353,7 +353,11 @@ impl Key {
     pub fn fingerprint(&self) -> Fingerprint {
         use std::hash::BuildHasher;
         static SECRET: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
-        Fingerprint(SECRET.get_or_init(std::hash::RandomState::new).hash_one(self.as_bytes()))
+        Fingerprint(
+            SECRET
+                .get_or_init(std::hash::RandomState::new)
+                .hash_one(self.as_bytes()),
+        )
     }
 
     /// TEMP (replaced by the key.rs rework).

@@ -559,4 +559,3 @@ impl<St: Store, K: KeyExtractor, R> Builder<St, K, R> {
         Ok(RateLimitLayer::from_parts(shared))
     }
 }
-

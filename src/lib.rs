@@ -71,10 +71,10 @@ pub use service::RateLimit;
 pub use store::memory::{DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use store::redis::RedisStore;
+pub use store::{BoxStore, FailMode, Policy, PolicyRegistry, Store};
 pub use store::{
     BreakerConfig, BreakerState, BreakerStats, CircuitBreaker, DenyCache, DenyCacheStats,
 };
-pub use store::{BoxStore, FailMode, Policy, PolicyRegistry, Store};
 
 /// The README's examples, compiled and run as doctests so they never go stale.
 #[cfg(doctest)]

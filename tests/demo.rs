@@ -54,12 +54,19 @@ fn demo_limits_after_capacity_and_serves_every_route() {
         .unwrap();
     assert_eq!(stats["store"], "memory");
     assert_eq!(stats["policies"]["default"]["denied"], 1);
+    // A reset names the client as it is known, its IP address, never an internal store key.
     let res = admin
-        .post(demo.url("/admin/reset/ip:127.0.0.1"))
+        .post(demo.url("/admin/reset/127.0.0.1"))
         .bearer_auth("s3cret")
         .send()
         .unwrap();
     assert_eq!(res.status(), 200);
+    let reply: serde_json::Value = res.json().unwrap();
+    assert_eq!(reply["reset"], "127.0.0.1");
+    // As an API key and as an IP, under each of the three policies.
+    for policy in ["default", "expensive", "multi"] {
+        assert_eq!(reply["cleared"][policy], 2, "{reply}");
+    }
     assert_eq!(get(&demo.url("/api/hello")).status(), 200);
     // /api/expensive: both policies, both reported.
     let res = reqwest::blocking::Client::new()
@@ -74,6 +81,54 @@ fn demo_limits_after_capacity_and_serves_every_route() {
     );
     let status = demo.terminate();
     assert!(status.success(), "clean exit on SIGTERM, got {status}");
+}
+
+/// The admin reset reaches what an API key maps to under the demo's own key extractor: the
+/// client sending `x-api-key: k1` is admitted again right after `POST /admin/reset/k1`.
+#[test]
+fn admin_reset_of_an_api_key_admits_that_client_again() {
+    let demo = Demo::start(&["--rate", "2/h", "--admin-token", "s3cret"]);
+    let client = reqwest::blocking::Client::new();
+    let hello = |key: &str| {
+        client
+            .get(demo.url("/api/hello"))
+            .header("x-api-key", key)
+            .send()
+            .unwrap()
+            .status()
+    };
+    for _ in 0..2 {
+        assert_eq!(hello("k1"), 200);
+        assert_eq!(hello("k2"), 200);
+    }
+    assert_eq!(hello("k1"), 429);
+    assert_eq!(hello("k2"), 429);
+    let wrong = client
+        .post(demo.url("/admin/reset/k1"))
+        .bearer_auth("s3cre")
+        .send()
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(hello("k1"), 429, "a rejected reset reset nothing");
+    let res = client
+        .post(demo.url("/admin/reset/k1"))
+        .bearer_auth("s3cret")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let reply: serde_json::Value = res.json().unwrap();
+    assert_eq!(reply["reset"], "k1");
+    assert_eq!(reply["cleared"]["default"], 1, "{reply}");
+    assert_eq!(hello("k1"), 200, "the reset client is fresh");
+    assert_eq!(hello("k2"), 429, "other clients keep their state");
+    // With --key ip an identity that is not an address maps to no client: 404, not a fake 200.
+    let ip_demo = Demo::start(&["--key", "ip", "--admin-token", "t"]);
+    let res = client
+        .post(ip_demo.url("/admin/reset/k1"))
+        .bearer_auth("t")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 404);
 }
 
 #[test]

@@ -636,7 +636,10 @@ async fn status_body_and_header_styles_are_configurable() {
 #[test]
 fn invalid_configuration_is_a_typed_error() {
     let q: Quota = "5/s".parse().unwrap();
-    let err = RateLimitLayer::builder(q).status(http::StatusCode::OK).build().unwrap_err();
+    let err = RateLimitLayer::builder(q)
+        .status(http::StatusCode::OK)
+        .build()
+        .unwrap_err();
     assert_eq!(err, ConfigError::Status(200));
     assert!(err.to_string().contains("4xx or 5xx"));
     let err = RateLimitLayer::builder(q)

@@ -229,13 +229,11 @@ impl PolicyRegistry {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match policies.get(policy.name()) {
-            Some(known) if *known.quotas != *policy.quotas() => {
-                Err(ConfigError::PolicyConflict {
-                    name: policy.name().to_owned(),
-                    known: quota_list(&known.quotas),
-                    new: quota_list(policy.quotas()),
-                })
-            }
+            Some(known) if *known.quotas != *policy.quotas() => Err(ConfigError::PolicyConflict {
+                name: policy.name().to_owned(),
+                known: quota_list(&known.quotas),
+                new: quota_list(policy.quotas()),
+            }),
             Some(known) if known.unnamed && !named => Err(ConfigError::UnnamedPolicy),
             Some(_) => Ok(()),
             None => {
