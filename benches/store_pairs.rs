@@ -5,6 +5,10 @@
 //! from second to second this is steadier than comparing two criterion estimates measured
 //! seconds apart.
 //!
+//! A second table pairs a `BoxStore` around a `MemoryStore` with the `MemoryStore` itself,
+//! both through `Store::check_ready` as the layer calls them: the price of choosing the store
+//! at runtime.
+//!
 //! Run: `scripts/bench-store [ROUNDS] [MILLISECONDS_PER_RUN]` (defaults 15 and 200).
 #![allow(missing_docs)] // a bench binary
 
@@ -13,7 +17,7 @@ use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use governor::{DefaultKeyedRateLimiter, Quota as GovQuota, RateLimiter};
-use tollgate::{Key, MemoryStore, Policy, Quota};
+use tollgate::{BoxStore, Key, MemoryStore, Policy, Quota, Store};
 
 const KEYS: usize = 100_000;
 
@@ -60,6 +64,43 @@ fn per_decision(threads: usize, run: Duration, op: &(dyn Fn(usize) + Sync)) -> f
         workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
     });
     run.as_nanos() as f64 / done.max(1) as f64
+}
+
+/// Runs `a` and `b` back to back `rounds` times, in alternating order, and prints one row:
+/// the medians of each one's time per decision and of their per-round ratio, with its range.
+fn paired_row(
+    label: &str,
+    rounds: usize,
+    run: Duration,
+    threads: usize,
+    a: &(dyn Fn(usize) + Sync),
+    b: &(dyn Fn(usize) + Sync),
+) {
+    let (mut ratios, mut a_ns, mut b_ns) = (vec![], vec![], vec![]);
+    for round in 0..rounds {
+        let (x, y) = if round % 2 == 0 {
+            let x = per_decision(threads, run, a);
+            (x, per_decision(threads, run, b))
+        } else {
+            let y = per_decision(threads, run, b);
+            (per_decision(threads, run, a), y)
+        };
+        ratios.push(x / y);
+        a_ns.push(x);
+        b_ns.push(y);
+    }
+    for v in [&mut ratios, &mut a_ns, &mut b_ns] {
+        v.sort_by(f64::total_cmp);
+    }
+    println!(
+        "{:<34} {:>12.1} {:>12.1} {:>7.2}x {:>6.2}-{:.2}x",
+        label,
+        median(&a_ns),
+        median(&b_ns),
+        median(&ratios),
+        ratios.first().copied().unwrap_or(f64::NAN),
+        ratios.last().copied().unwrap_or(f64::NAN),
+    );
 }
 
 fn median(sorted: &[f64]) -> f64 {
@@ -111,33 +152,29 @@ fn main() -> Result<(), String> {
                     let k = &names[i.wrapping_mul(48_271) % n];
                     let _ = black_box(p.theirs.check_key(k));
                 };
-                let (mut ratios, mut ours_ns, mut theirs_ns) = (vec![], vec![], vec![]);
-                for round in 0..rounds {
-                    let (a, b) = if round % 2 == 0 {
-                        let a = per_decision(threads, run, &ours);
-                        (a, per_decision(threads, run, &theirs))
-                    } else {
-                        let b = per_decision(threads, run, &theirs);
-                        (per_decision(threads, run, &ours), b)
-                    };
-                    ratios.push(a / b);
-                    ours_ns.push(a);
-                    theirs_ns.push(b);
-                }
-                for v in [&mut ratios, &mut ours_ns, &mut theirs_ns] {
-                    v.sort_by(f64::total_cmp);
-                }
-                println!(
-                    "{:<34} {:>12.1} {:>12.1} {:>7.2}x {:>6.2}-{:.2}x",
-                    format!("{path}, {keyset}, {threads} thread(s)"),
-                    median(&ours_ns),
-                    median(&theirs_ns),
-                    median(&ratios),
-                    ratios.first().copied().unwrap_or(f64::NAN),
-                    ratios.last().copied().unwrap_or(f64::NAN),
-                );
+                let label = format!("{path}, {keyset}, {threads} thread(s)");
+                paired_row(&label, rounds, run, threads, &ours, &theirs);
             }
         }
+    }
+
+    println!();
+    println!(
+        "{:<34} {:>12} {:>12} {:>8} {:>14}",
+        "BoxStore / MemoryStore", "boxed ns", "direct ns", "median", "range"
+    );
+    for (path, p) in [("allowed", &allowed), ("denied", &denied)] {
+        let boxed = BoxStore::new(p.ours.clone());
+        let direct = |i: usize| {
+            let k = &keys[i.wrapping_mul(48_271) % KEYS];
+            black_box(Store::check_ready(&p.ours, &p.policy, k, 1));
+        };
+        let through_box = |i: usize| {
+            let k = &keys[i.wrapping_mul(48_271) % KEYS];
+            black_box(boxed.check_ready(&p.policy, k, 1));
+        };
+        let label = format!("{path}, 100k keys, 1 thread");
+        paired_row(&label, rounds, run, 1, &through_box, &direct);
     }
     Ok(())
 }

@@ -339,7 +339,7 @@ pub enum KeyError {
 }
 
 /// TEMP (replaced by the key.rs rework).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fingerprint(u64);
 
 impl fmt::Display for Fingerprint {
