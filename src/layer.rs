@@ -145,6 +145,15 @@ impl<St: Store, K: KeyExtractor, R> RateLimitLayer<St, K, R> {
     }
 }
 
+impl<S, St, K, R> RateLimit<S, St, K, R> {
+    /// The layer that wraps services in `RateLimit`, named as tower-http names its own
+    /// (`Timeout::layer(..)`): `RateLimit::layer(layer)` is `layer` itself. Build one with
+    /// [`RateLimitLayer::builder`] or [`RateLimitLayer::new`].
+    pub fn layer(layer: RateLimitLayer<St, K, R>) -> RateLimitLayer<St, K, R> {
+        layer
+    }
+}
+
 impl<S, St, K, R> Layer<S> for RateLimitLayer<St, K, R> {
     type Service = RateLimit<S, St, K, R>;
 

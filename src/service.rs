@@ -11,7 +11,6 @@ use tower_service::Service;
 use crate::decide::Shared;
 use crate::future::ResponseFuture;
 use crate::key::KeyExtractor;
-use crate::layer::RateLimitLayer;
 use crate::response::{DefaultRejection, RateLimitBody, Rejector};
 use crate::store::Store;
 
@@ -27,14 +26,6 @@ pub struct RateLimit<S, St, K, R = DefaultRejection> {
 impl<S, St, K, R> RateLimit<S, St, K, R> {
     pub(crate) fn new(inner: S, shared: Arc<Shared<St, K, R>>) -> Self {
         Self { inner, shared }
-    }
-
-    /// The layer that wraps services in `RateLimit`, as tower-http names it:
-    /// `RateLimit::layer(layer)` is `layer` itself, for symmetry with
-    /// `tower_http::timeout::Timeout::layer(..)`-style call sites. Build it with
-    /// [`RateLimitLayer::builder`].
-    pub fn layer(layer: RateLimitLayer<St, K, R>) -> RateLimitLayer<St, K, R> {
-        layer
     }
 
     /// The wrapped service.
