@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use smallvec::SmallVec;
+
 use crate::quota::Quota;
 
 /// Whether a request may pass.
@@ -216,7 +218,9 @@ impl Decision {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decisions {
-    list: Vec<Decision>,
+    /// Inline for the usual one or two layers: recording a decision allocates nothing beyond
+    /// the extension itself.
+    list: SmallVec<[Decision; 2]>,
 }
 
 impl Decisions {
@@ -250,9 +254,9 @@ impl Decisions {
         match extensions.get_mut::<Self>() {
             Some(all) => all.list.push(decision),
             None => {
-                extensions.insert(Self {
-                    list: vec![decision],
-                });
+                let mut list = SmallVec::new();
+                list.push(decision);
+                extensions.insert(Self { list });
             }
         }
     }
@@ -263,9 +267,9 @@ impl Decisions {
         match extensions.get_mut::<Self>() {
             Some(all) => all.list.insert(0, decision),
             None => {
-                extensions.insert(Self {
-                    list: vec![decision],
-                });
+                let mut list = SmallVec::new();
+                list.push(decision);
+                extensions.insert(Self { list });
             }
         }
     }
