@@ -97,13 +97,11 @@ impl Key {
         for part in parts {
             hasher.update(part);
         }
-        let mut out = Vec::with_capacity(1 + 64);
-        out.push(b'#');
-        for byte in hasher.finalize() {
-            out.push(HEX[usize::from(byte >> 4)]);
-            out.push(HEX[usize::from(byte & 0xf)]);
-        }
-        Self(Repr::Shared(Bytes::from(out)))
+        let mut out = [0u8; 1 + 64];
+        out[0] = b'#';
+        // Fails only on a length mismatch: 32 digest bytes fill the 64 bytes after the `#`.
+        hex::encode_to_slice(hasher.finalize(), &mut out[1..]).expect("32 bytes are 64 hex digits");
+        Self(Repr::Shared(Bytes::copy_from_slice(&out)))
     }
 
     /// A key from a static string, without allocating (hashed if it is too long).
@@ -146,8 +144,6 @@ impl Ord for Key {
         self.as_bytes().cmp(other.as_bytes())
     }
 }
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -808,6 +804,18 @@ mod tests {
         assert_eq!(huge.as_bytes().len(), 65);
         assert_ne!(long, huge);
         assert_eq!(long.as_bytes()[0], b'#');
+    }
+
+    #[test]
+    fn hashed_key_text_is_hash_sign_and_lowercase_hex_sha256() {
+        // `printf 'a%.0s' $(seq 65) | sha256sum`
+        let want = b"#635361c48bb9eab14198e76ea8ab7f1a41685d6ad62aa9146d301d4f17eb0ae0";
+        assert_eq!(Key::from("a".repeat(65)).as_bytes(), want);
+        // Hashed piece by piece, the same text.
+        let a = "a".repeat(30);
+        let b = "a".repeat(35);
+        let parts = Key::from_parts(&[a.as_bytes(), b.as_bytes()]);
+        assert_eq!(parts.as_bytes(), want);
     }
 
     #[test]
