@@ -434,7 +434,7 @@ async fn reset<St: Store>(
             return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
         }
     }
-    Json(json!({ "reset": key.to_string(), "policies": ["default", "expensive", "multi"] }))
+    Json(json!({ "reset": key.raw().to_string(), "policies": ["default", "expensive", "multi"] }))
         .into_response()
 }
 

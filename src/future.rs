@@ -383,7 +383,7 @@ impl<St, K> Shared<St, K> {
                     target: "tollgate::limited",
                     $level,
                     policy = self.policy.name(),
-                    key = %key,
+                    key = %key.fingerprint(),
                     delay_ms = delay.as_millis() as u64,
                     "request delayed"
                 )
@@ -405,7 +405,7 @@ impl<St, K> Shared<St, K> {
                     target: "tollgate::limited",
                     $level,
                     policy = self.policy.name(),
-                    key = %key,
+                    key = %key.fingerprint(),
                     cost,
                     outcome = ?decision.outcome(),
                     retry_after_ms = decision.retry_after().map(|r| r.as_millis() as u64),

@@ -21,9 +21,10 @@
 #![doc = include_str!("../docs/proxies.md")]
 
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::HeaderName;
@@ -145,16 +146,76 @@ impl Ord for Key {
     }
 }
 
-impl fmt::Debug for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Key({self})")
+impl Key {
+    /// A short, stable name for this key in logs and traces: a keyed hash of its bytes.
+    ///
+    /// Within one process the same key always has the same fingerprint, so the log lines of
+    /// one client can be followed; across processes (restarts, other app servers) fingerprints
+    /// differ. The hash (SipHash, a keyed pseudorandom function) is keyed by a random secret
+    /// created once per process and never exposed, so a fingerprint cannot be turned back into
+    /// the key, nor checked against guesses (an IP address, a leaked API key), without that
+    /// secret. Fingerprints are 64 bits: two keys can share one, rarely; they name keys for
+    /// people reading logs, they are not identities.
+    pub fn fingerprint(&self) -> Fingerprint {
+        static SECRET: OnceLock<RandomState> = OnceLock::new();
+        let hash = SECRET
+            .get_or_init(RandomState::new)
+            .hash_one(self.as_bytes());
+        Fingerprint(hash.to_be_bytes())
+    }
+
+    /// The key's bytes as text, non-printable bytes escaped as `\xNN`: **dangerous**.
+    ///
+    /// Keys are identities, and identities are credentials: an API key is a secret, and an IP
+    /// address is personal data. That is why `Key` has no `Display` and its `Debug` shows only
+    /// the [`fingerprint`](Key::fingerprint). Use this only where a user explicitly asked to
+    /// see keys, in debugging or operator tools, never in routine logs, metrics or responses.
+    pub fn raw(&self) -> RawKey<'_> {
+        RawKey(self)
     }
 }
 
-/// Shows the key as text, with bytes that are not printable ASCII escaped as `\xNN`.
-impl fmt::Display for Key {
+/// Shows the [fingerprint](Key::fingerprint), never the key: `Key(fp:0123456789abcdef)`.
+impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.as_bytes().escape_ascii())
+        write!(f, "Key(fp:{})", self.fingerprint())
+    }
+}
+
+/// A keyed hash of a [`Key`], safe to log: see [`Key::fingerprint`]. Shown (`Display` and
+/// `Debug`) as 16 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint([u8; 8]);
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut text = [0u8; 16];
+        // Fails only on a length mismatch: 8 bytes are 16 hex digits.
+        hex::encode_to_slice(self.0, &mut text).map_err(|_| fmt::Error)?;
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A key's raw bytes as text, from [`Key::raw`] (read its warning): bytes that are not
+/// printable ASCII are escaped as `\xNN`.
+#[derive(Clone, Copy)]
+pub struct RawKey<'a>(&'a Key);
+
+impl fmt::Display for RawKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.as_bytes().escape_ascii())
+    }
+}
+
+impl fmt::Debug for RawKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RawKey(\"{self}\")")
     }
 }
 
@@ -670,7 +731,7 @@ mod tests {
     }
 
     fn key(ex: &impl KeyExtractor, p: &Parts) -> String {
-        ex.extract(p).unwrap().to_string()
+        ex.extract(p).unwrap().raw().to_string()
     }
 
     /// SEMANTICS.md §5 table: trusted = 10.0.0.0/8, rightmost walk.
@@ -804,6 +865,41 @@ mod tests {
         assert_eq!(huge.as_bytes().len(), 65);
         assert_ne!(long, huge);
         assert_eq!(long.as_bytes()[0], b'#');
+    }
+
+    #[test]
+    fn keys_show_a_fingerprint_never_their_bytes() {
+        let secret = Key::from("sk_live_4eC39HqLyjWDarjtT1zdp7dc");
+        let fp = secret.fingerprint();
+        assert_eq!(
+            fp,
+            Key::from("sk_live_4eC39HqLyjWDarjtT1zdp7dc").fingerprint()
+        );
+        assert_ne!(
+            fp,
+            Key::from("sk_live_4eC39HqLyjWDarjtT1zdp7dd").fingerprint()
+        );
+        let hex = fp.to_string();
+        assert_eq!(hex.len(), 16);
+        assert!(
+            hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+            "{hex}"
+        );
+        assert_eq!(format!("{fp:?}"), hex);
+        let debug = format!("{secret:?}");
+        assert_eq!(debug, format!("Key(fp:{hex})"));
+        assert!(!debug.contains("sk_live"), "{debug}");
+        // Pretty and alternate forms too.
+        assert!(!format!("{secret:#?} {:?}", Some(&secret)).contains("sk_live"));
+        // Raw text only on request, escaped.
+        assert_eq!(secret.raw().to_string(), "sk_live_4eC39HqLyjWDarjtT1zdp7dc");
+        let odd = Key::from(&b"a\x00b\xff\n"[..]);
+        assert_eq!(odd.raw().to_string(), "a\\x00b\\xff\\n");
+        assert_eq!(format!("{:?}", odd.raw()), "RawKey(\"a\\x00b\\xff\\n\")");
+        // A hashed long key has its own fingerprint, stable too.
+        let long = Key::from("x".repeat(100));
+        assert_eq!(long.fingerprint(), Key::from("x".repeat(100)).fingerprint());
+        assert_ne!(long.fingerprint(), fp);
     }
 
     #[test]
