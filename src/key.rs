@@ -595,18 +595,18 @@ fn peer_addr(req: &Parts) -> Option<IpAddr> {
 
 /// Walks the hops of header `name` (all lines joined) from the right. `visit` gets each parsed
 /// hop (`None` for one that is not an address) and returns `Some` to stop with that address.
+///
+/// Lines are read as bytes: a byte that is not ASCII (which proxies pass on) makes only its own
+/// hop unparseable, never the whole line.
 fn hops_right_to_left(
     req: &Parts,
     name: &str,
-    parse: fn(&str) -> Option<IpAddr>,
+    parse: fn(&[u8]) -> Option<IpAddr>,
     visit: &mut dyn FnMut(Option<IpAddr>) -> Option<IpAddr>,
 ) -> Option<IpAddr> {
     for line in req.headers.get_all(name).iter().rev() {
-        let Ok(text) = line.to_str() else {
-            return visit(None);
-        };
-        for hop in text.rsplit(',') {
-            let hop = hop.trim();
+        for hop in line.as_bytes().rsplit(|&b| b == b',') {
+            let hop = hop.trim_ascii();
             if hop.is_empty() {
                 continue;
             }
@@ -618,8 +618,13 @@ fn hops_right_to_left(
     None
 }
 
-/// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:443`.
-fn parse_xff_hop(hop: &str) -> Option<IpAddr> {
+/// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:443`; anything with a byte that is
+/// not ASCII is not an address.
+fn parse_xff_hop(hop: &[u8]) -> Option<IpAddr> {
+    if !hop.is_ascii() {
+        return None;
+    }
+    let hop = std::str::from_utf8(hop).ok()?;
     if let Ok(ip) = hop.parse::<IpAddr>() {
         return Some(ip);
     }
@@ -631,16 +636,17 @@ fn parse_xff_hop(hop: &str) -> Option<IpAddr> {
 
 /// One `Forwarded` element: `for=1.2.3.4;proto=https`, `For="[2001:db8::17]:4711"`.
 /// `_hidden`, `unknown` and elements without `for=` are not addresses.
-fn parse_forwarded_hop(element: &str) -> Option<IpAddr> {
-    let value = element.split(';').find_map(|pair| {
-        let (name, value) = pair.split_once('=')?;
-        name.trim()
-            .eq_ignore_ascii_case("for")
-            .then_some(value.trim())
+fn parse_forwarded_hop(element: &[u8]) -> Option<IpAddr> {
+    let value = element.split(|&b| b == b';').find_map(|pair| {
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        let (name, value) = (&pair[..eq], &pair[eq + 1..]);
+        name.trim_ascii()
+            .eq_ignore_ascii_case(b"for")
+            .then_some(value.trim_ascii())
     })?;
     let value = value
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
+        .strip_prefix(b"\"")
+        .and_then(|v| v.strip_suffix(b"\""))
         .unwrap_or(value);
     parse_xff_hop(value)
 }
@@ -730,6 +736,24 @@ mod tests {
         parts
     }
 
+    /// A request from `peer` with raw header values.
+    fn parts_bytes(peer: &str, headers: &[(&str, &[u8])]) -> Parts {
+        let mut b = http::Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, http::HeaderValue::from_bytes(v).unwrap());
+        }
+        let (mut parts, ()) = b.body(()).unwrap().into_parts();
+        let ip: IpAddr = peer.parse().unwrap();
+        parts.extensions.insert(PeerAddr(SocketAddr::new(ip, 4000)));
+        parts
+    }
+
+    /// `text` with `byte` spliced in place of the `@`.
+    fn splice(text: &str, byte: u8) -> Vec<u8> {
+        let at = text.find('@').unwrap();
+        [&text.as_bytes()[..at], &[byte], &text.as_bytes()[at + 1..]].concat()
+    }
+
     fn key(ex: &impl KeyExtractor, p: &Parts) -> String {
         ex.extract(p).unwrap().raw().to_string()
     }
@@ -792,6 +816,135 @@ mod tests {
         // All hops trusted: the leftmost trusted address.
         let p = parts("10.0.0.5", &[(xff, "10.1.1.1, 10.2.2.2")]);
         assert_eq!(key(&ip, &p), "10.1.1.1");
+    }
+
+    /// Every byte a header value may carry, in a hop left of the client, inside the client's
+    /// hop, and as a hop of its own right of the client: only the hop holding the byte is
+    /// affected, and a hop that is not an address stops the walk at the proxy.
+    #[test]
+    fn forwarding_headers_are_parsed_as_bytes_hop_by_hop() {
+        let xff_ip = ClientIp::new().trust("10.0.0.0/8").unwrap();
+        let fwd_ip = xff_ip.clone().header(ForwardedHeader::Forwarded);
+        let real_ip = xff_ip.clone().header(ForwardedHeader::XRealIp);
+        let proxy = "10.0.0.5";
+        let v6 = "2001:db8:cafe::/56";
+        let mut tried = 0;
+        for byte in 0..=255u8 {
+            if http::HeaderValue::from_bytes(&[b'a', byte, b'a']).is_err() {
+                continue;
+            }
+            tried += 1;
+            let trimmed_or_split = matches!(byte, b',' | b' ' | b'\t');
+            // (want, extractor, header, template with `@` for the byte)
+            let digit = (byte as char).to_string();
+            let client_plus_digit = format!("1.2.3.4{digit}");
+            let cases: [(&str, &ClientIp, &str, &str); 9] = [
+                // (a) left of the client: never read.
+                ("1.2.3.4", &xff_ip, "x-forwarded-for", "6.6.6@6, 1.2.3.4"),
+                (
+                    "1.2.3.4",
+                    &fwd_ip,
+                    "forwarded",
+                    "for=\"6.6.6@6\";proto=https, for=1.2.3.4",
+                ),
+                // (b) inside the client's hop.
+                (
+                    if byte.is_ascii_digit() {
+                        &client_plus_digit
+                    } else if trimmed_or_split {
+                        "1.2.3.4"
+                    } else {
+                        proxy
+                    },
+                    &xff_ip,
+                    "x-forwarded-for",
+                    "6.6.6.6, 1.2.3.4@",
+                ),
+                (
+                    if byte.is_ascii_digit() {
+                        &client_plus_digit
+                    } else if trimmed_or_split || byte == b';' {
+                        "1.2.3.4"
+                    } else {
+                        proxy
+                    },
+                    &fwd_ip,
+                    "forwarded",
+                    "for=6.6.6.6, for=1.2.3.4@",
+                ),
+                (
+                    if byte.is_ascii_hexdigit() { v6 } else { proxy },
+                    &fwd_ip,
+                    "forwarded",
+                    "for=6.6.6.6, for=\"[2001:db8:cafe::17@]:4711\"",
+                ),
+                (
+                    if byte.is_ascii_digit() {
+                        &client_plus_digit
+                    } else if trimmed_or_split {
+                        // X-Real-IP lines are split on commas like the others.
+                        "1.2.3.4"
+                    } else {
+                        proxy
+                    },
+                    &real_ip,
+                    "x-real-ip",
+                    "1.2.3.4@",
+                ),
+                // (c) a hop of its own, right of the client.
+                (
+                    if trimmed_or_split { "1.2.3.4" } else { proxy },
+                    &xff_ip,
+                    "x-forwarded-for",
+                    "6.6.6.6, 1.2.3.4, @",
+                ),
+                (
+                    if trimmed_or_split { "1.2.3.4" } else { proxy },
+                    &fwd_ip,
+                    "forwarded",
+                    "for=6.6.6.6, for=1.2.3.4, @",
+                ),
+                (
+                    proxy,
+                    &fwd_ip,
+                    "forwarded",
+                    "for=6.6.6.6, for=1.2.3.4, for=@",
+                ),
+            ];
+            for (want, extractor, header, template) in cases {
+                let value = splice(template, byte);
+                let p = parts_bytes(proxy, &[(header, &value)]);
+                assert_eq!(
+                    key(extractor, &p),
+                    want,
+                    "{header}: {}",
+                    value.escape_ascii()
+                );
+            }
+        }
+        // Tab, the 95 printable bytes and the 128 bytes >= 0x80.
+        assert_eq!(tried, 1 + 95 + 128);
+    }
+
+    #[test]
+    fn a_non_ascii_byte_in_another_line_changes_nothing() {
+        let ip = ClientIp::new().trust("10.0.0.0/8").unwrap();
+        let xff = "x-forwarded-for";
+        for (lines, want) in [
+            (vec![&b"\x80"[..], b"1.2.3.4"], "1.2.3.4"),
+            (vec![b"6.6.6.6, \x80", b"1.2.3.4, 10.0.0.7"], "1.2.3.4"),
+            (vec![b"caf\xc3\xa9", b"10.0.0.7, 1.2.3.4"], "1.2.3.4"),
+            // The walk reaches the earlier line: its hop right of the byte is the client.
+            (vec![b"6.6.6.6\x80, 1.2.3.4", b"10.0.0.7"], "1.2.3.4"),
+            (vec![b"\xff, 1.2.3.4, 10.0.0.8", b"10.0.0.7"], "1.2.3.4"),
+            // Reached by the walk, it stops at the last trusted address.
+            (vec![b"1.2.3.4, \x80", b"10.0.0.7"], "10.0.0.7"),
+        ] {
+            let headers: Vec<(&str, &[u8])> = lines.iter().map(|l| (xff, *l)).collect();
+            let p = parts_bytes("10.0.0.5", &headers);
+            let shown: Vec<String> = lines.iter().map(|l| l.escape_ascii().to_string()).collect();
+            assert_eq!(key(&ip, &p), want, "{shown:?}");
+        }
     }
 
     #[test]
