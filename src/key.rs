@@ -373,6 +373,18 @@ impl<const N: usize> fmt::Write for TextBuf<N> {
 pub trait KeyExtractor: Send + Sync + 'static {
     /// The key for this request; `None` lets it through unlimited.
     fn extract(&self, req: &Parts) -> Option<Key>;
+
+    /// The key for this request, or why the request cannot be keyed at all. This is what the
+    /// layer calls; the provided method never fails and returns [`extract`](Self::extract)'s
+    /// answer.
+    ///
+    /// # Errors
+    /// A [`KeyError`] when the request lacks what the extractor needs to tell clients apart
+    /// and guessing would be wrong (e.g. [`ClientIp`] without a peer address): the layer
+    /// answers such a request with `500` and logs the error.
+    fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
+        Ok(self.extract(req))
+    }
 }
 
 impl<F, K> KeyExtractor for F
@@ -389,6 +401,55 @@ impl<E: KeyExtractor + ?Sized> KeyExtractor for Arc<E> {
     fn extract(&self, req: &Parts) -> Option<Key> {
         (**self).extract(req)
     }
+
+    fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
+        (**self).try_extract(req)
+    }
+}
+
+/// Why a request could not be keyed; see [`KeyExtractor::try_extract`]. Each message says
+/// what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// [`ClientIp`] (or [`ApiKeyOrIp`] without an API key) found no peer address on the
+    /// request, and [`MissingPeer::Reject`] (the default) is in force.
+    #[error("{}", missing_peer_message(cfg!(feature = "axum")))]
+    MissingPeer,
+}
+
+/// What to change when requests carry no peer address; `axum`: whether tollgate is built with
+/// its `axum` feature (without it, axum's `ConnectInfo` is never read).
+fn missing_peer_message(axum: bool) -> &'static str {
+    if axum {
+        "ClientIp found no peer address on the request: serve axum with \
+         `into_make_service_with_connect_info::<SocketAddr>()`, or (hyper, tonic) insert a \
+         `tollgate::key::PeerAddr` extension into each request; to key such requests anyway, \
+         see `ClientIp::on_missing_peer`"
+    } else {
+        "ClientIp found no peer address on the request: tollgate is built without its `axum` \
+         feature, so axum's `ConnectInfo` is not read at all; enable the feature and serve axum \
+         with `into_make_service_with_connect_info::<SocketAddr>()`, or (hyper, tonic) insert \
+         a `tollgate::key::PeerAddr` extension into each request; to key such requests anyway, \
+         see `ClientIp::on_missing_peer`"
+    }
+}
+
+/// What [`ClientIp`] does with a request that carries no peer address (no axum `ConnectInfo`,
+/// no [`PeerAddr`] extension). See [`ClientIp::on_missing_peer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MissingPeer {
+    /// [`KeyExtractor::try_extract`] fails with [`KeyError::MissingPeer`]: the layer answers
+    /// `500` and logs the error, so the misconfiguration shows on the first request. The
+    /// default.
+    #[default]
+    Reject,
+    /// All such requests share one key, `unknown` (one bucket for all of them); an error is
+    /// logged once.
+    SharedKey,
+    /// Such requests are not limited.
+    Unlimited,
 }
 
 /// The socket peer's address, for servers that are not axum: insert it into each request's
@@ -432,13 +493,28 @@ pub enum ForwardedHeader {
 ///
 /// The peer address comes from axum's `ConnectInfo<SocketAddr>` (serve with
 /// `into_make_service_with_connect_info::<SocketAddr>()`) or from a [`PeerAddr`] extension.
-/// A request with neither is limited under the shared key `unknown` and an error is logged
-/// once, so a missing `ConnectInfo` is noticed rather than silently disabling the limit.
+///
+/// A request with neither is **rejected** by default ([`MissingPeer::Reject`]):
+/// [`try_extract`](KeyExtractor::try_extract) fails with [`KeyError::MissingPeer`], and the
+/// layer answers `500` and logs an error that says how to fix it. A missing peer address is
+/// always a deployment mistake (axum served without `ConnectInfo`, a hyper server that does not
+/// insert [`PeerAddr`]), and it hits every request alike. Keying such requests all under one
+/// shared key turns the per-client limit into one global limit, which passes a developer's
+/// tests and then throttles every user at once in production; leaving them unlimited silently
+/// disables the limit. Failing on the first request of the first test makes the mistake
+/// impossible to miss. Choose [`MissingPeer::SharedKey`] or [`MissingPeer::Unlimited`] with
+/// [`on_missing_peer`](ClientIp::on_missing_peer) where requests without a peer are expected.
+///
+/// [`extract`](KeyExtractor::extract), which cannot fail, gives the shared key `unknown` for
+/// such requests under both `Reject` and `SharedKey` (logging an error once) and `None` under
+/// `Unlimited`. The layer never calls `extract` on the built-in extractors; it calls
+/// `try_extract`.
 #[derive(Debug, Clone)]
 pub struct ClientIp {
     trusted: Arc<[IpNet]>,
     header: ForwardedHeader,
     ipv6_prefix: u8,
+    on_missing_peer: MissingPeer,
     warned: Arc<AtomicBool>,
 }
 
@@ -455,6 +531,7 @@ impl ClientIp {
             trusted: Arc::from(Vec::new()),
             header: ForwardedHeader::default(),
             ipv6_prefix: 56,
+            on_missing_peer: MissingPeer::Reject,
             warned: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -495,6 +572,14 @@ impl ClientIp {
         }
         self.ipv6_prefix = bits;
         Ok(self)
+    }
+
+    /// What to do with a request that carries no peer address (default
+    /// [`MissingPeer::Reject`]; see the [type docs](ClientIp) for why).
+    #[must_use]
+    pub fn on_missing_peer(mut self, mode: MissingPeer) -> Self {
+        self.on_missing_peer = mode;
+        self
     }
 
     /// The client's address (before IPv6 grouping), or `None` when the request carries no
@@ -546,29 +631,48 @@ impl ClientIp {
         self.trusted.iter().any(|net| net.contains(&ip))
     }
 
-    /// The key for the request's client, after `prefix`.
-    pub(crate) fn key_or_unknown(&self, prefix: &[u8], req: &Parts) -> Key {
+    /// The key for the request's client, after `prefix`; without a peer address, what
+    /// [`MissingPeer`] says.
+    fn try_key(&self, prefix: &[u8], req: &Parts) -> Result<Option<Key>, KeyError> {
         match self.client_addr(req) {
-            Some(ip) => self.key_for(prefix, ip),
-            None => {
-                if !self.warned.swap(true, Ordering::Relaxed) {
-                    tracing::error!(
-                        target: "tollgate::key",
-                        "ClientIp found no peer address on the request; all such requests share \
-                         the key \"unknown\". Serve axum with \
-                         into_make_service_with_connect_info::<SocketAddr>(), or insert a \
-                         tollgate::key::PeerAddr extension"
-                    );
-                }
-                Key::from_parts(&[prefix, b"unknown"])
-            }
+            Some(ip) => Ok(Some(self.key_for(prefix, ip))),
+            None => match self.on_missing_peer {
+                MissingPeer::Reject => Err(KeyError::MissingPeer),
+                MissingPeer::SharedKey => Ok(Some(self.unknown(prefix))),
+                MissingPeer::Unlimited => Ok(None),
+            },
         }
+    }
+
+    /// [`try_key`](Self::try_key) for `extract`, which cannot fail: `Reject` becomes the
+    /// shared key too.
+    fn key(&self, prefix: &[u8], req: &Parts) -> Option<Key> {
+        match self.try_key(prefix, req) {
+            Ok(key) => key,
+            Err(KeyError::MissingPeer) => Some(self.unknown(prefix)),
+        }
+    }
+
+    /// The key shared by every request without a peer address; logs an error the first time.
+    fn unknown(&self, prefix: &[u8]) -> Key {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                target: "tollgate::key",
+                "{}. All such requests share the key \"unknown\"",
+                missing_peer_message(cfg!(feature = "axum"))
+            );
+        }
+        Key::from_parts(&[prefix, b"unknown"])
     }
 }
 
 impl KeyExtractor for ClientIp {
     fn extract(&self, req: &Parts) -> Option<Key> {
-        Some(self.key_or_unknown(b"", req))
+        self.key(b"", req)
+    }
+
+    fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
+        self.try_key(b"", req)
     }
 }
 
@@ -688,7 +792,8 @@ impl KeyExtractor for Header {
 }
 
 /// The API key header when the request has one (`key:<value>`), else the client IP
-/// (`ip:<address>`). The two kinds can never collide.
+/// (`ip:<address>`). The two kinds can never collide. A request without an API key and without
+/// a peer address is handled as the [`ClientIp`]'s [`MissingPeer`] says (rejected by default).
 #[derive(Debug, Clone)]
 pub struct ApiKeyOrIp {
     header: Header,
@@ -704,10 +809,18 @@ impl ApiKeyOrIp {
 
 impl KeyExtractor for ApiKeyOrIp {
     fn extract(&self, req: &Parts) -> Option<Key> {
-        Some(match self.header.value(req) {
-            Some(v) => Key::from_parts(&[b"key:", v]),
-            None => self.ip.key_or_unknown(b"ip:", req),
-        })
+        match self.header.value(req) {
+            Some(v) => Some(Key::from_parts(&[b"key:", v])),
+            None => self.ip.key(b"ip:", req),
+        }
+    }
+
+    /// The API key when there is one, whatever the peer; else as [`ClientIp`] decides.
+    fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
+        match self.header.value(req) {
+            Some(v) => Ok(Some(Key::from_parts(&[b"key:", v]))),
+            None => self.ip.try_key(b"ip:", req),
+        }
     }
 }
 
@@ -1078,9 +1191,115 @@ mod tests {
         assert_eq!(key(&ex, &empty), "ip:1.2.3.4");
     }
 
+    /// A request with no peer address and no `ConnectInfo`.
+    fn no_peer(headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
     #[test]
-    fn missing_peer_is_shared_unknown_key() {
-        let (p, ()) = http::Request::new(()).into_parts();
-        assert_eq!(key(&ClientIp::new(), &p), "unknown");
+    fn missing_peer_is_rejected_by_default() {
+        let p = no_peer(&[]);
+        let ip = ClientIp::new();
+        assert_eq!(ip.try_extract(&p), Err(KeyError::MissingPeer));
+        // Through an Arc too (the layer may hold one).
+        let shared: Arc<dyn KeyExtractor> = Arc::new(ip.clone());
+        assert_eq!(shared.try_extract(&p), Err(KeyError::MissingPeer));
+        // `extract` cannot fail: the shared key.
+        assert_eq!(key(&ip, &p), "unknown");
+        // A request with a peer is keyed as usual.
+        assert_eq!(
+            ip.try_extract(&parts("1.2.3.4", &[])),
+            Ok(Some(Key::from("1.2.3.4")))
+        );
+        // Forwarding headers are no substitute for the peer (a client could write them).
+        let p = no_peer(&[("x-forwarded-for", "1.2.3.4")]);
+        let behind = ClientIp::new().trust("10.0.0.0/8").unwrap();
+        assert_eq!(behind.try_extract(&p), Err(KeyError::MissingPeer));
+    }
+
+    #[test]
+    fn missing_peer_modes() {
+        let p = no_peer(&[]);
+        let shared = ClientIp::new().on_missing_peer(MissingPeer::SharedKey);
+        assert_eq!(shared.try_extract(&p), Ok(Some(Key::from("unknown"))));
+        assert_eq!(key(&shared, &p), "unknown");
+        let unlimited = ClientIp::new().on_missing_peer(MissingPeer::Unlimited);
+        assert_eq!(unlimited.try_extract(&p), Ok(None));
+        assert_eq!(unlimited.extract(&p), None);
+        let reject = ClientIp::new().on_missing_peer(MissingPeer::Reject);
+        assert_eq!(reject.try_extract(&p), Err(KeyError::MissingPeer));
+        assert_eq!(MissingPeer::default(), MissingPeer::Reject);
+        // A peer makes the mode irrelevant.
+        let p = parts("1.2.3.4", &[]);
+        for ip in [&shared, &unlimited, &reject] {
+            assert_eq!(ip.try_extract(&p), Ok(Some(Key::from("1.2.3.4"))));
+        }
+    }
+
+    #[test]
+    fn api_key_or_ip_with_missing_peer() {
+        let header = || Header::new("x-api-key").unwrap();
+        let with_key = no_peer(&[("x-api-key", "alice")]);
+        let without = no_peer(&[]);
+        let reject = ApiKeyOrIp::new(header(), ClientIp::new());
+        // An API key is enough: no peer needed.
+        assert_eq!(
+            reject.try_extract(&with_key),
+            Ok(Some(Key::from("key:alice")))
+        );
+        assert_eq!(reject.try_extract(&without), Err(KeyError::MissingPeer));
+        assert_eq!(key(&reject, &without), "ip:unknown");
+        let shared = ApiKeyOrIp::new(
+            header(),
+            ClientIp::new().on_missing_peer(MissingPeer::SharedKey),
+        );
+        assert_eq!(
+            shared.try_extract(&without),
+            Ok(Some(Key::from("ip:unknown")))
+        );
+        let unlimited = ApiKeyOrIp::new(
+            header(),
+            ClientIp::new().on_missing_peer(MissingPeer::Unlimited),
+        );
+        assert_eq!(unlimited.try_extract(&without), Ok(None));
+        assert_eq!(unlimited.extract(&without), None);
+        assert_eq!(
+            unlimited.try_extract(&with_key),
+            Ok(Some(Key::from("key:alice")))
+        );
+    }
+
+    #[test]
+    fn missing_peer_error_says_how_to_fix_it() {
+        let msg = KeyError::MissingPeer.to_string();
+        assert_eq!(msg, missing_peer_message(cfg!(feature = "axum")));
+        let with_axum = missing_peer_message(true);
+        let without = missing_peer_message(false);
+        for m in [with_axum, without] {
+            assert!(
+                m.contains("into_make_service_with_connect_info::<SocketAddr>()"),
+                "{m}"
+            );
+            assert!(m.contains("tollgate::key::PeerAddr"), "{m}");
+            assert!(m.contains("on_missing_peer"), "{m}");
+        }
+        assert!(!with_axum.contains("without its `axum` feature"));
+        assert!(without.contains("without its `axum` feature"), "{without}");
+        assert!(
+            without.contains("`ConnectInfo` is not read at all"),
+            "{without}"
+        );
+    }
+
+    #[test]
+    fn closures_never_fail() {
+        let ex = |req: &Parts| req.headers.get("x-tenant").map(|v| Key::from(v.as_bytes()));
+        let p = no_peer(&[("x-tenant", "t1")]);
+        assert_eq!(ex.try_extract(&p), Ok(Some(Key::from("t1"))));
+        assert_eq!(ex.try_extract(&no_peer(&[])), Ok(None));
     }
 }
