@@ -385,6 +385,19 @@ pub trait KeyExtractor: Send + Sync + 'static {
     fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
         Ok(self.extract(req))
     }
+
+    /// The keys this extractor could have given a client identified by `identity`: its API
+    /// key or header value, or its IP address as text (`192.0.2.1`, `2001:db8::1`,
+    /// `[2001:db8::1]`). With them an admin can reset what one identity maps to (see
+    /// [`Store::reset`](crate::Store::reset)) without knowing the internal key layout: IPv6
+    /// prefix grouping, IPv4-mapped addresses, `key:`/`ip:` prefixes, hashing of long keys.
+    ///
+    /// Empty means the extractor cannot say (the provided method, and so every closure), or
+    /// that no request from such an identity is ever limited under a key of its own.
+    fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
+        let _ = identity;
+        Vec::new()
+    }
 }
 
 impl<F, K> KeyExtractor for F
@@ -404,6 +417,10 @@ impl<E: KeyExtractor + ?Sized> KeyExtractor for Arc<E> {
 
     fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
         (**self).try_extract(req)
+    }
+
+    fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
+        (**self).keys_for_identity(identity)
     }
 }
 
@@ -674,6 +691,25 @@ impl KeyExtractor for ClientIp {
     fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
         self.try_key(b"", req)
     }
+
+    /// The key of the client at IP address `identity` (IPv6 grouped by the configured prefix,
+    /// IPv4-mapped IPv6 as IPv4); none when `identity` is not an IP address.
+    fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
+        parse_identity_ip(identity)
+            .map(|ip| self.key_for(b"", ip))
+            .into_iter()
+            .collect()
+    }
+}
+
+/// `identity` as a client address: `192.0.2.1`, `2001:db8::1` or `[2001:db8::1]`, mapped IPv4
+/// unwrapped.
+fn parse_identity_ip(identity: &str) -> Option<IpAddr> {
+    let ip = match identity.strip_prefix('[') {
+        Some(rest) => IpAddr::V6(rest.strip_suffix(']')?.parse().ok()?),
+        None => identity.parse().ok()?,
+    };
+    Some(ip.to_canonical())
 }
 
 fn parse_cidr(s: &str) -> Result<IpNet, ConfigError> {
@@ -789,6 +825,15 @@ impl KeyExtractor for Header {
     fn extract(&self, req: &Parts) -> Option<Key> {
         self.value(req).map(Key::from)
     }
+
+    /// The key of requests whose header value is `identity`; none for an empty `identity`
+    /// (such requests are not limited).
+    fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
+        if identity.is_empty() {
+            return Vec::new();
+        }
+        vec![Key::from(identity)]
+    }
 }
 
 /// The API key header when the request has one (`key:<value>`), else the client IP
@@ -822,6 +867,21 @@ impl KeyExtractor for ApiKeyOrIp {
             None => self.ip.try_key(b"ip:", req),
         }
     }
+
+    /// `key:<identity>` (the identity as an API key) and, when `identity` is an IP address,
+    /// `ip:<address>` as well (grouped as the [`ClientIp`] groups it): the text alone cannot
+    /// tell which one is meant, and resetting both is what an admin asking for it wants. Empty
+    /// only for an empty `identity`.
+    fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
+        let mut keys = Vec::with_capacity(2);
+        if !identity.is_empty() {
+            keys.push(Key::from_parts(&[b"key:", identity.as_bytes()]));
+        }
+        if let Some(ip) = parse_identity_ip(identity) {
+            keys.push(self.ip.key_for(b"ip:", ip));
+        }
+        keys
+    }
 }
 
 /// One key for everyone: a limit on the whole service (or route).
@@ -831,6 +891,12 @@ pub struct Global;
 impl KeyExtractor for Global {
     fn extract(&self, _req: &Parts) -> Option<Key> {
         Some(Key::from_static("global"))
+    }
+
+    /// Always empty: every client shares the one key, so resetting one identity cannot be
+    /// told apart from resetting everyone (reset `Key::from("global")` for that, on purpose).
+    fn keys_for_identity(&self, _identity: &str) -> Vec<Key> {
+        Vec::new()
     }
 }
 
@@ -1293,6 +1359,96 @@ mod tests {
             without.contains("`ConnectInfo` is not read at all"),
             "{without}"
         );
+    }
+
+    #[test]
+    fn keys_for_identity_are_the_keys_requests_get() {
+        let behind = ClientIp::new().trust("10.0.0.0/8").unwrap();
+        let by_64 = ClientIp::new().ipv6_prefix(64).unwrap();
+        // (identity, peer it arrives from)
+        let clients = [
+            ("192.0.2.1", "192.0.2.1"),
+            ("::ffff:192.0.2.1", "192.0.2.1"),
+            ("192.0.2.1", "::ffff:192.0.2.1"),
+            ("2001:db8:abcd:12:1:2:3:4", "2001:db8:abcd:12:ffff::9"),
+            ("[2001:db8:abcd:12:1:2:3:4]", "2001:db8:abcd:12:1:2:3:4"),
+            ("2001:db8::1", "2001:db8::1"),
+        ];
+        for (identity, peer) in clients {
+            for ip in [ClientIp::new(), by_64.clone()] {
+                let want = ip.extract(&parts(peer, &[])).unwrap();
+                assert_eq!(
+                    ip.keys_for_identity(identity),
+                    std::slice::from_ref(&want),
+                    "{identity}"
+                );
+                let either = ApiKeyOrIp::new(Header::new("x-api-key").unwrap(), ip.clone());
+                let from_ip = either.extract(&parts(peer, &[])).unwrap();
+                let from_key = either
+                    .extract(&parts(peer, &[("x-api-key", identity)]))
+                    .unwrap();
+                assert_eq!(either.keys_for_identity(identity), [from_key, from_ip]);
+                // Through an Arc too.
+                let arc: Arc<dyn KeyExtractor> = Arc::new(ip);
+                assert_eq!(arc.keys_for_identity(identity), [want]);
+            }
+            // Behind a trusted proxy, the forwarded address is the identity.
+            let p = parts("10.0.0.5", &[("x-forwarded-for", peer)]);
+            assert_eq!(
+                behind.keys_for_identity(identity),
+                [behind.extract(&p).unwrap()]
+            );
+        }
+        // Grouped by /56, another /64 of the same /56 is the same client.
+        let p = parts("2001:db8:abcd:ff::1", &[]);
+        assert_eq!(
+            ClientIp::new().keys_for_identity("2001:db8:abcd:1:2::3"),
+            [ClientIp::new().extract(&p).unwrap()]
+        );
+        assert_ne!(
+            by_64.keys_for_identity("2001:db8:abcd:1:2::3"),
+            [by_64.extract(&p).unwrap()]
+        );
+        assert_eq!(
+            ClientIp::new().keys_for_identity("2001:db8:abcd:12:1:2:3:4")[0]
+                .raw()
+                .to_string(),
+            "2001:db8:abcd::/56"
+        );
+        for not_ip in [
+            "alice",
+            "",
+            "1.2.3.4:80",
+            "[1.2.3.4]",
+            "2001:db8::1]",
+            " 1.2.3.4",
+        ] {
+            assert!(
+                ClientIp::new().keys_for_identity(not_ip).is_empty(),
+                "{not_ip}"
+            );
+        }
+
+        let header = Header::new("x-api-key").unwrap();
+        let long = "k".repeat(200);
+        for identity in ["alice", "1.2.3.4", long.as_str()] {
+            let want = header
+                .extract(&parts("1.2.3.4", &[("x-api-key", identity)]))
+                .unwrap();
+            assert_eq!(header.keys_for_identity(identity), [want]);
+        }
+        assert!(header.keys_for_identity("").is_empty());
+
+        let either = ApiKeyOrIp::new(Header::new("x-api-key").unwrap(), ClientIp::new());
+        let alice = either
+            .extract(&parts("1.2.3.4", &[("x-api-key", "alice")]))
+            .unwrap();
+        assert_eq!(either.keys_for_identity("alice"), [alice]);
+        assert!(either.keys_for_identity("").is_empty());
+
+        assert!(Global.keys_for_identity("1.2.3.4").is_empty());
+        let closure = |req: &Parts| req.headers.get("x-tenant").map(|v| Key::from(v.as_bytes()));
+        assert!(closure.keys_for_identity("t1").is_empty());
     }
 
     #[test]
