@@ -839,6 +839,43 @@ impl KeyExtractor for Header {
 /// The API key header when the request has one (`key:<value>`), else the client IP
 /// (`ip:<address>`). The two kinds can never collide. A request without an API key and without
 /// a peer address is handled as the [`ClientIp`]'s [`MissingPeer`] says (rejected by default).
+///
+/// # Invented API keys
+/// The API key is whatever the client sends: unless keys are validated before this layer
+/// runs, a client that invents a new key for every request gets a fresh bucket every time,
+/// and is never limited. Close that with a per-IP guard in front: an outer layer keyed by
+/// [`ClientIp`], looser than the per-key quota (so a few honest API clients behind one address
+/// fit), then the per-key layer inside it. An invented key still passes the inner layer, but
+/// every request of that address is counted by the outer one.
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tollgate::{MemoryStore, RateLimitLayer};
+/// use tollgate::key::{ApiKeyOrIp, ClientIp, Header};
+///
+/// # fn build() -> Result<Router, Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new(); // shared: each layer needs its own policy name
+/// let per_ip = RateLimitLayer::builder("600/m".parse()?)
+///     .policy("per-ip")
+///     .store(store.clone())
+///     .key(ClientIp::new())
+///     .build()?;
+/// let per_key = RateLimitLayer::builder("60/m".parse()?)
+///     .policy("per-key")
+///     .store(store)
+///     .key(ApiKeyOrIp::new(Header::new("x-api-key")?, ClientIp::new()))
+///     .build()?;
+/// let app = Router::new()
+///     .route("/api", get(|| async { "ok" }))
+///     .layer(per_key) // inner
+///     .layer(per_ip); // outer: the last `.layer` runs first
+/// # Ok(app) }
+/// # build().unwrap();
+/// ```
+///
+/// The policy names must differ when the layers share a store: the name namespaces the keys,
+/// and two layers with one name would count into the same buckets. Validating keys first (an
+/// authentication layer outside the limiter that rejects unknown keys) closes the hole too.
 #[derive(Debug, Clone)]
 pub struct ApiKeyOrIp {
     header: Header,
