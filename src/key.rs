@@ -21,9 +21,10 @@
 #![doc = include_str!("../docs/proxies.md")]
 
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::HeaderName;
@@ -97,13 +98,11 @@ impl Key {
         for part in parts {
             hasher.update(part);
         }
-        let mut out = Vec::with_capacity(1 + 64);
-        out.push(b'#');
-        for byte in hasher.finalize() {
-            out.push(HEX[usize::from(byte >> 4)]);
-            out.push(HEX[usize::from(byte & 0xf)]);
-        }
-        Self(Repr::Shared(Bytes::from(out)))
+        let mut out = [0u8; 1 + 64];
+        out[0] = b'#';
+        // Fails only on a length mismatch: 32 digest bytes fill the 64 bytes after the `#`.
+        hex::encode_to_slice(hasher.finalize(), &mut out[1..]).expect("32 bytes are 64 hex digits");
+        Self(Repr::Shared(Bytes::copy_from_slice(&out)))
     }
 
     /// A key from a static string, without allocating (hashed if it is too long).
@@ -147,18 +146,76 @@ impl Ord for Key {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+impl Key {
+    /// A short, stable name for this key in logs and traces: a keyed hash of its bytes.
+    ///
+    /// Within one process the same key always has the same fingerprint, so the log lines of
+    /// one client can be followed; across processes (restarts, other app servers) fingerprints
+    /// differ. The hash (SipHash, a keyed pseudorandom function) is keyed by a random secret
+    /// created once per process and never exposed, so a fingerprint cannot be turned back into
+    /// the key, nor checked against guesses (an IP address, a leaked API key), without that
+    /// secret. Fingerprints are 64 bits: two keys can share one, rarely; they name keys for
+    /// people reading logs, they are not identities.
+    pub fn fingerprint(&self) -> Fingerprint {
+        static SECRET: OnceLock<RandomState> = OnceLock::new();
+        let hash = SECRET
+            .get_or_init(RandomState::new)
+            .hash_one(self.as_bytes());
+        Fingerprint(hash.to_be_bytes())
+    }
 
-impl fmt::Debug for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Key({self})")
+    /// The key's bytes as text, non-printable bytes escaped as `\xNN`: **dangerous**.
+    ///
+    /// Keys are identities, and identities are credentials: an API key is a secret, and an IP
+    /// address is personal data. That is why `Key` has no `Display` and its `Debug` shows only
+    /// the [`fingerprint`](Key::fingerprint). Use this only where a user explicitly asked to
+    /// see keys, in debugging or operator tools, never in routine logs, metrics or responses.
+    pub fn raw(&self) -> RawKey<'_> {
+        RawKey(self)
     }
 }
 
-/// Shows the key as text, with bytes that are not printable ASCII escaped as `\xNN`.
-impl fmt::Display for Key {
+/// Shows the [fingerprint](Key::fingerprint), never the key: `Key(fp:0123456789abcdef)`.
+impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.as_bytes().escape_ascii())
+        write!(f, "Key(fp:{})", self.fingerprint())
+    }
+}
+
+/// A keyed hash of a [`Key`], safe to log: see [`Key::fingerprint`]. Shown (`Display` and
+/// `Debug`) as 16 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint([u8; 8]);
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut text = [0u8; 16];
+        // Fails only on a length mismatch: 8 bytes are 16 hex digits.
+        hex::encode_to_slice(self.0, &mut text).map_err(|_| fmt::Error)?;
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A key's raw bytes as text, from [`Key::raw`] (read its warning): bytes that are not
+/// printable ASCII are escaped as `\xNN`.
+#[derive(Clone, Copy)]
+pub struct RawKey<'a>(&'a Key);
+
+impl fmt::Display for RawKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.as_bytes().escape_ascii())
+    }
+}
+
+impl fmt::Debug for RawKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RawKey(\"{self}\")")
     }
 }
 
@@ -317,52 +374,29 @@ pub trait KeyExtractor: Send + Sync + 'static {
     /// The key for this request; `None` lets it through unlimited.
     fn extract(&self, req: &Parts) -> Option<Key>;
 
-    /// TEMP (replaced by the key.rs rework).
+    /// The key for this request, or why the request cannot be keyed at all. This is what the
+    /// layer calls; the provided method never fails and returns [`extract`](Self::extract)'s
+    /// answer.
+    ///
+    /// # Errors
+    /// A [`KeyError`] when the request lacks what the extractor needs to tell clients apart
+    /// and guessing would be wrong (e.g. [`ClientIp`] without a peer address): the layer
+    /// answers such a request with `500` and logs the error.
     fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
         Ok(self.extract(req))
     }
 
-    /// TEMP (replaced by the key.rs rework).
+    /// The keys this extractor could have given a client identified by `identity`: its API
+    /// key or header value, or its IP address as text (`192.0.2.1`, `2001:db8::1`,
+    /// `[2001:db8::1]`). With them an admin can reset what one identity maps to (see
+    /// [`Store::reset`](crate::Store::reset)) without knowing the internal key layout: IPv6
+    /// prefix grouping, IPv4-mapped addresses, `key:`/`ip:` prefixes, hashing of long keys.
+    ///
+    /// Empty means the extractor cannot say (the provided method, and so every closure), or
+    /// that no request from such an identity is ever limited under a key of its own.
     fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
         let _ = identity;
         Vec::new()
-    }
-}
-
-/// TEMP (replaced by the key.rs rework).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum KeyError {
-    /// TEMP.
-    #[error("no peer address")]
-    MissingPeer,
-}
-
-/// TEMP (replaced by the key.rs rework).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint(u64);
-
-impl fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-impl Key {
-    /// TEMP (replaced by the key.rs rework).
-    pub fn fingerprint(&self) -> Fingerprint {
-        use std::hash::BuildHasher;
-        static SECRET: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
-        Fingerprint(
-            SECRET
-                .get_or_init(std::hash::RandomState::new)
-                .hash_one(self.as_bytes()),
-        )
-    }
-
-    /// TEMP (replaced by the key.rs rework).
-    pub fn raw(&self) -> impl fmt::Display + '_ {
-        self.as_bytes().escape_ascii()
     }
 }
 
@@ -380,6 +414,59 @@ impl<E: KeyExtractor + ?Sized> KeyExtractor for Arc<E> {
     fn extract(&self, req: &Parts) -> Option<Key> {
         (**self).extract(req)
     }
+
+    fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
+        (**self).try_extract(req)
+    }
+
+    fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
+        (**self).keys_for_identity(identity)
+    }
+}
+
+/// Why a request could not be keyed; see [`KeyExtractor::try_extract`]. Each message says
+/// what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// [`ClientIp`] (or [`ApiKeyOrIp`] without an API key) found no peer address on the
+    /// request, and [`MissingPeer::Reject`] (the default) is in force.
+    #[error("{}", missing_peer_message(cfg!(feature = "axum")))]
+    MissingPeer,
+}
+
+/// What to change when requests carry no peer address; `axum`: whether tollgate is built with
+/// its `axum` feature (without it, axum's `ConnectInfo` is never read).
+fn missing_peer_message(axum: bool) -> &'static str {
+    if axum {
+        "ClientIp found no peer address on the request: serve axum with \
+         `into_make_service_with_connect_info::<SocketAddr>()`, or (hyper, tonic) insert a \
+         `tollgate::key::PeerAddr` extension into each request; to key such requests anyway, \
+         see `ClientIp::on_missing_peer`"
+    } else {
+        "ClientIp found no peer address on the request: tollgate is built without its `axum` \
+         feature, so axum's `ConnectInfo` is not read at all; enable the feature and serve axum \
+         with `into_make_service_with_connect_info::<SocketAddr>()`, or (hyper, tonic) insert \
+         a `tollgate::key::PeerAddr` extension into each request; to key such requests anyway, \
+         see `ClientIp::on_missing_peer`"
+    }
+}
+
+/// What [`ClientIp`] does with a request that carries no peer address (no axum `ConnectInfo`,
+/// no [`PeerAddr`] extension). See [`ClientIp::on_missing_peer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MissingPeer {
+    /// [`KeyExtractor::try_extract`] fails with [`KeyError::MissingPeer`]: the layer answers
+    /// `500` and logs the error, so the misconfiguration shows on the first request. The
+    /// default.
+    #[default]
+    Reject,
+    /// All such requests share one key, `unknown` (one bucket for all of them); an error is
+    /// logged once.
+    SharedKey,
+    /// Such requests are not limited.
+    Unlimited,
 }
 
 /// The socket peer's address, for servers that are not axum: insert it into each request's
@@ -423,13 +510,28 @@ pub enum ForwardedHeader {
 ///
 /// The peer address comes from axum's `ConnectInfo<SocketAddr>` (serve with
 /// `into_make_service_with_connect_info::<SocketAddr>()`) or from a [`PeerAddr`] extension.
-/// A request with neither is limited under the shared key `unknown` and an error is logged
-/// once, so a missing `ConnectInfo` is noticed rather than silently disabling the limit.
+///
+/// A request with neither is **rejected** by default ([`MissingPeer::Reject`]):
+/// [`try_extract`](KeyExtractor::try_extract) fails with [`KeyError::MissingPeer`], and the
+/// layer answers `500` and logs an error that says how to fix it. A missing peer address is
+/// always a deployment mistake (axum served without `ConnectInfo`, a hyper server that does not
+/// insert [`PeerAddr`]), and it hits every request alike. Keying such requests all under one
+/// shared key turns the per-client limit into one global limit, which passes a developer's
+/// tests and then throttles every user at once in production; leaving them unlimited silently
+/// disables the limit. Failing on the first request of the first test makes the mistake
+/// impossible to miss. Choose [`MissingPeer::SharedKey`] or [`MissingPeer::Unlimited`] with
+/// [`on_missing_peer`](ClientIp::on_missing_peer) where requests without a peer are expected.
+///
+/// [`extract`](KeyExtractor::extract), which cannot fail, gives the shared key `unknown` for
+/// such requests under both `Reject` and `SharedKey` (logging an error once) and `None` under
+/// `Unlimited`. The layer never calls `extract` on the built-in extractors; it calls
+/// `try_extract`.
 #[derive(Debug, Clone)]
 pub struct ClientIp {
     trusted: Arc<[IpNet]>,
     header: ForwardedHeader,
     ipv6_prefix: u8,
+    on_missing_peer: MissingPeer,
     warned: Arc<AtomicBool>,
 }
 
@@ -446,6 +548,7 @@ impl ClientIp {
             trusted: Arc::from(Vec::new()),
             header: ForwardedHeader::default(),
             ipv6_prefix: 56,
+            on_missing_peer: MissingPeer::Reject,
             warned: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -486,6 +589,14 @@ impl ClientIp {
         }
         self.ipv6_prefix = bits;
         Ok(self)
+    }
+
+    /// What to do with a request that carries no peer address (default
+    /// [`MissingPeer::Reject`]; see the [type docs](ClientIp) for why).
+    #[must_use]
+    pub fn on_missing_peer(mut self, mode: MissingPeer) -> Self {
+        self.on_missing_peer = mode;
+        self
     }
 
     /// The client's address (before IPv6 grouping), or `None` when the request carries no
@@ -537,30 +648,68 @@ impl ClientIp {
         self.trusted.iter().any(|net| net.contains(&ip))
     }
 
-    /// The key for the request's client, after `prefix`.
-    pub(crate) fn key_or_unknown(&self, prefix: &[u8], req: &Parts) -> Key {
+    /// The key for the request's client, after `prefix`; without a peer address, what
+    /// [`MissingPeer`] says.
+    fn try_key(&self, prefix: &[u8], req: &Parts) -> Result<Option<Key>, KeyError> {
         match self.client_addr(req) {
-            Some(ip) => self.key_for(prefix, ip),
-            None => {
-                if !self.warned.swap(true, Ordering::Relaxed) {
-                    tracing::error!(
-                        target: "tollgate::key",
-                        "ClientIp found no peer address on the request; all such requests share \
-                         the key \"unknown\". Serve axum with \
-                         into_make_service_with_connect_info::<SocketAddr>(), or insert a \
-                         tollgate::key::PeerAddr extension"
-                    );
-                }
-                Key::from_parts(&[prefix, b"unknown"])
-            }
+            Some(ip) => Ok(Some(self.key_for(prefix, ip))),
+            None => match self.on_missing_peer {
+                MissingPeer::Reject => Err(KeyError::MissingPeer),
+                MissingPeer::SharedKey => Ok(Some(self.unknown(prefix))),
+                MissingPeer::Unlimited => Ok(None),
+            },
         }
+    }
+
+    /// [`try_key`](Self::try_key) for `extract`, which cannot fail: `Reject` becomes the
+    /// shared key too.
+    fn key(&self, prefix: &[u8], req: &Parts) -> Option<Key> {
+        match self.try_key(prefix, req) {
+            Ok(key) => key,
+            Err(KeyError::MissingPeer) => Some(self.unknown(prefix)),
+        }
+    }
+
+    /// The key shared by every request without a peer address; logs an error the first time.
+    fn unknown(&self, prefix: &[u8]) -> Key {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                target: "tollgate::key",
+                "{}. All such requests share the key \"unknown\"",
+                missing_peer_message(cfg!(feature = "axum"))
+            );
+        }
+        Key::from_parts(&[prefix, b"unknown"])
     }
 }
 
 impl KeyExtractor for ClientIp {
     fn extract(&self, req: &Parts) -> Option<Key> {
-        Some(self.key_or_unknown(b"", req))
+        self.key(b"", req)
     }
+
+    fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
+        self.try_key(b"", req)
+    }
+
+    /// The key of the client at IP address `identity` (IPv6 grouped by the configured prefix,
+    /// IPv4-mapped IPv6 as IPv4); none when `identity` is not an IP address.
+    fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
+        parse_identity_ip(identity)
+            .map(|ip| self.key_for(b"", ip))
+            .into_iter()
+            .collect()
+    }
+}
+
+/// `identity` as a client address: `192.0.2.1`, `2001:db8::1` or `[2001:db8::1]`, mapped IPv4
+/// unwrapped.
+fn parse_identity_ip(identity: &str) -> Option<IpAddr> {
+    let ip = match identity.strip_prefix('[') {
+        Some(rest) => IpAddr::V6(rest.strip_suffix(']')?.parse().ok()?),
+        None => identity.parse().ok()?,
+    };
+    Some(ip.to_canonical())
 }
 
 fn parse_cidr(s: &str) -> Result<IpNet, ConfigError> {
@@ -586,18 +735,18 @@ fn peer_addr(req: &Parts) -> Option<IpAddr> {
 
 /// Walks the hops of header `name` (all lines joined) from the right. `visit` gets each parsed
 /// hop (`None` for one that is not an address) and returns `Some` to stop with that address.
+///
+/// Lines are read as bytes: a byte that is not ASCII (which proxies pass on) makes only its own
+/// hop unparseable, never the whole line.
 fn hops_right_to_left(
     req: &Parts,
     name: &str,
-    parse: fn(&str) -> Option<IpAddr>,
+    parse: fn(&[u8]) -> Option<IpAddr>,
     visit: &mut dyn FnMut(Option<IpAddr>) -> Option<IpAddr>,
 ) -> Option<IpAddr> {
     for line in req.headers.get_all(name).iter().rev() {
-        let Ok(text) = line.to_str() else {
-            return visit(None);
-        };
-        for hop in text.rsplit(',') {
-            let hop = hop.trim();
+        for hop in line.as_bytes().rsplit(|&b| b == b',') {
+            let hop = hop.trim_ascii();
             if hop.is_empty() {
                 continue;
             }
@@ -609,8 +758,13 @@ fn hops_right_to_left(
     None
 }
 
-/// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:443`.
-fn parse_xff_hop(hop: &str) -> Option<IpAddr> {
+/// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:443`; anything with a byte that is
+/// not ASCII is not an address.
+fn parse_xff_hop(hop: &[u8]) -> Option<IpAddr> {
+    if !hop.is_ascii() {
+        return None;
+    }
+    let hop = std::str::from_utf8(hop).ok()?;
     if let Ok(ip) = hop.parse::<IpAddr>() {
         return Some(ip);
     }
@@ -622,16 +776,17 @@ fn parse_xff_hop(hop: &str) -> Option<IpAddr> {
 
 /// One `Forwarded` element: `for=1.2.3.4;proto=https`, `For="[2001:db8::17]:4711"`.
 /// `_hidden`, `unknown` and elements without `for=` are not addresses.
-fn parse_forwarded_hop(element: &str) -> Option<IpAddr> {
-    let value = element.split(';').find_map(|pair| {
-        let (name, value) = pair.split_once('=')?;
-        name.trim()
-            .eq_ignore_ascii_case("for")
-            .then_some(value.trim())
+fn parse_forwarded_hop(element: &[u8]) -> Option<IpAddr> {
+    let value = element.split(|&b| b == b';').find_map(|pair| {
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        let (name, value) = (&pair[..eq], &pair[eq + 1..]);
+        name.trim_ascii()
+            .eq_ignore_ascii_case(b"for")
+            .then_some(value.trim_ascii())
     })?;
     let value = value
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
+        .strip_prefix(b"\"")
+        .and_then(|v| v.strip_suffix(b"\""))
         .unwrap_or(value);
     parse_xff_hop(value)
 }
@@ -670,10 +825,57 @@ impl KeyExtractor for Header {
     fn extract(&self, req: &Parts) -> Option<Key> {
         self.value(req).map(Key::from)
     }
+
+    /// The key of requests whose header value is `identity`; none for an empty `identity`
+    /// (such requests are not limited).
+    fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
+        if identity.is_empty() {
+            return Vec::new();
+        }
+        vec![Key::from(identity)]
+    }
 }
 
 /// The API key header when the request has one (`key:<value>`), else the client IP
-/// (`ip:<address>`). The two kinds can never collide.
+/// (`ip:<address>`). The two kinds can never collide. A request without an API key and without
+/// a peer address is handled as the [`ClientIp`]'s [`MissingPeer`] says (rejected by default).
+///
+/// # Invented API keys
+/// The API key is whatever the client sends: unless keys are validated before this layer
+/// runs, a client that invents a new key for every request gets a fresh bucket every time,
+/// and is never limited. Close that with a per-IP guard in front: an outer layer keyed by
+/// [`ClientIp`], looser than the per-key quota (so a few honest API clients behind one address
+/// fit), then the per-key layer inside it. An invented key still passes the inner layer, but
+/// every request of that address is counted by the outer one.
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tollgate::{MemoryStore, RateLimitLayer};
+/// use tollgate::key::{ApiKeyOrIp, ClientIp, Header};
+///
+/// # fn build() -> Result<Router, Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new(); // shared: each layer needs its own policy name
+/// let per_ip = RateLimitLayer::builder("600/m".parse()?)
+///     .policy("per-ip")
+///     .store(store.clone())
+///     .key(ClientIp::new())
+///     .build()?;
+/// let per_key = RateLimitLayer::builder("60/m".parse()?)
+///     .policy("per-key")
+///     .store(store)
+///     .key(ApiKeyOrIp::new(Header::new("x-api-key")?, ClientIp::new()))
+///     .build()?;
+/// let app = Router::new()
+///     .route("/api", get(|| async { "ok" }))
+///     .layer(per_key) // inner
+///     .layer(per_ip); // outer: the last `.layer` runs first
+/// # Ok(app) }
+/// # build().unwrap();
+/// ```
+///
+/// The policy names must differ when the layers share a store: the name namespaces the keys,
+/// and two layers with one name would count into the same buckets. Validating keys first (an
+/// authentication layer outside the limiter that rejects unknown keys) closes the hole too.
 #[derive(Debug, Clone)]
 pub struct ApiKeyOrIp {
     header: Header,
@@ -689,10 +891,33 @@ impl ApiKeyOrIp {
 
 impl KeyExtractor for ApiKeyOrIp {
     fn extract(&self, req: &Parts) -> Option<Key> {
-        Some(match self.header.value(req) {
-            Some(v) => Key::from_parts(&[b"key:", v]),
-            None => self.ip.key_or_unknown(b"ip:", req),
-        })
+        match self.header.value(req) {
+            Some(v) => Some(Key::from_parts(&[b"key:", v])),
+            None => self.ip.key(b"ip:", req),
+        }
+    }
+
+    /// The API key when there is one, whatever the peer; else as [`ClientIp`] decides.
+    fn try_extract(&self, req: &Parts) -> Result<Option<Key>, KeyError> {
+        match self.header.value(req) {
+            Some(v) => Ok(Some(Key::from_parts(&[b"key:", v]))),
+            None => self.ip.try_key(b"ip:", req),
+        }
+    }
+
+    /// `key:<identity>` (the identity as an API key) and, when `identity` is an IP address,
+    /// `ip:<address>` as well (grouped as the [`ClientIp`] groups it): the text alone cannot
+    /// tell which one is meant, and resetting both is what an admin asking for it wants. Empty
+    /// only for an empty `identity`.
+    fn keys_for_identity(&self, identity: &str) -> Vec<Key> {
+        let mut keys = Vec::with_capacity(2);
+        if !identity.is_empty() {
+            keys.push(Key::from_parts(&[b"key:", identity.as_bytes()]));
+        }
+        if let Some(ip) = parse_identity_ip(identity) {
+            keys.push(self.ip.key_for(b"ip:", ip));
+        }
+        keys
     }
 }
 
@@ -703,6 +928,12 @@ pub struct Global;
 impl KeyExtractor for Global {
     fn extract(&self, _req: &Parts) -> Option<Key> {
         Some(Key::from_static("global"))
+    }
+
+    /// Always empty: every client shares the one key, so resetting one identity cannot be
+    /// told apart from resetting everyone (reset `Key::from("global")` for that, on purpose).
+    fn keys_for_identity(&self, _identity: &str) -> Vec<Key> {
+        Vec::new()
     }
 }
 
@@ -721,8 +952,26 @@ mod tests {
         parts
     }
 
+    /// A request from `peer` with raw header values.
+    fn parts_bytes(peer: &str, headers: &[(&str, &[u8])]) -> Parts {
+        let mut b = http::Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, http::HeaderValue::from_bytes(v).unwrap());
+        }
+        let (mut parts, ()) = b.body(()).unwrap().into_parts();
+        let ip: IpAddr = peer.parse().unwrap();
+        parts.extensions.insert(PeerAddr(SocketAddr::new(ip, 4000)));
+        parts
+    }
+
+    /// `text` with `byte` spliced in place of the `@`.
+    fn splice(text: &str, byte: u8) -> Vec<u8> {
+        let at = text.find('@').unwrap();
+        [&text.as_bytes()[..at], &[byte], &text.as_bytes()[at + 1..]].concat()
+    }
+
     fn key(ex: &impl KeyExtractor, p: &Parts) -> String {
-        ex.extract(p).unwrap().to_string()
+        ex.extract(p).unwrap().raw().to_string()
     }
 
     /// SEMANTICS.md §5 table: trusted = 10.0.0.0/8, rightmost walk.
@@ -783,6 +1032,135 @@ mod tests {
         // All hops trusted: the leftmost trusted address.
         let p = parts("10.0.0.5", &[(xff, "10.1.1.1, 10.2.2.2")]);
         assert_eq!(key(&ip, &p), "10.1.1.1");
+    }
+
+    /// Every byte a header value may carry, in a hop left of the client, inside the client's
+    /// hop, and as a hop of its own right of the client: only the hop holding the byte is
+    /// affected, and a hop that is not an address stops the walk at the proxy.
+    #[test]
+    fn forwarding_headers_are_parsed_as_bytes_hop_by_hop() {
+        let xff_ip = ClientIp::new().trust("10.0.0.0/8").unwrap();
+        let fwd_ip = xff_ip.clone().header(ForwardedHeader::Forwarded);
+        let real_ip = xff_ip.clone().header(ForwardedHeader::XRealIp);
+        let proxy = "10.0.0.5";
+        let v6 = "2001:db8:cafe::/56";
+        let mut tried = 0;
+        for byte in 0..=255u8 {
+            if http::HeaderValue::from_bytes(&[b'a', byte, b'a']).is_err() {
+                continue;
+            }
+            tried += 1;
+            let trimmed_or_split = matches!(byte, b',' | b' ' | b'\t');
+            // (want, extractor, header, template with `@` for the byte)
+            let digit = (byte as char).to_string();
+            let client_plus_digit = format!("1.2.3.4{digit}");
+            let cases: [(&str, &ClientIp, &str, &str); 9] = [
+                // (a) left of the client: never read.
+                ("1.2.3.4", &xff_ip, "x-forwarded-for", "6.6.6@6, 1.2.3.4"),
+                (
+                    "1.2.3.4",
+                    &fwd_ip,
+                    "forwarded",
+                    "for=\"6.6.6@6\";proto=https, for=1.2.3.4",
+                ),
+                // (b) inside the client's hop.
+                (
+                    if byte.is_ascii_digit() {
+                        &client_plus_digit
+                    } else if trimmed_or_split {
+                        "1.2.3.4"
+                    } else {
+                        proxy
+                    },
+                    &xff_ip,
+                    "x-forwarded-for",
+                    "6.6.6.6, 1.2.3.4@",
+                ),
+                (
+                    if byte.is_ascii_digit() {
+                        &client_plus_digit
+                    } else if trimmed_or_split || byte == b';' {
+                        "1.2.3.4"
+                    } else {
+                        proxy
+                    },
+                    &fwd_ip,
+                    "forwarded",
+                    "for=6.6.6.6, for=1.2.3.4@",
+                ),
+                (
+                    if byte.is_ascii_hexdigit() { v6 } else { proxy },
+                    &fwd_ip,
+                    "forwarded",
+                    "for=6.6.6.6, for=\"[2001:db8:cafe::17@]:4711\"",
+                ),
+                (
+                    if byte.is_ascii_digit() {
+                        &client_plus_digit
+                    } else if trimmed_or_split {
+                        // X-Real-IP lines are split on commas like the others.
+                        "1.2.3.4"
+                    } else {
+                        proxy
+                    },
+                    &real_ip,
+                    "x-real-ip",
+                    "1.2.3.4@",
+                ),
+                // (c) a hop of its own, right of the client.
+                (
+                    if trimmed_or_split { "1.2.3.4" } else { proxy },
+                    &xff_ip,
+                    "x-forwarded-for",
+                    "6.6.6.6, 1.2.3.4, @",
+                ),
+                (
+                    if trimmed_or_split { "1.2.3.4" } else { proxy },
+                    &fwd_ip,
+                    "forwarded",
+                    "for=6.6.6.6, for=1.2.3.4, @",
+                ),
+                (
+                    proxy,
+                    &fwd_ip,
+                    "forwarded",
+                    "for=6.6.6.6, for=1.2.3.4, for=@",
+                ),
+            ];
+            for (want, extractor, header, template) in cases {
+                let value = splice(template, byte);
+                let p = parts_bytes(proxy, &[(header, &value)]);
+                assert_eq!(
+                    key(extractor, &p),
+                    want,
+                    "{header}: {}",
+                    value.escape_ascii()
+                );
+            }
+        }
+        // Tab, the 95 printable bytes and the 128 bytes >= 0x80.
+        assert_eq!(tried, 1 + 95 + 128);
+    }
+
+    #[test]
+    fn a_non_ascii_byte_in_another_line_changes_nothing() {
+        let ip = ClientIp::new().trust("10.0.0.0/8").unwrap();
+        let xff = "x-forwarded-for";
+        for (lines, want) in [
+            (vec![&b"\x80"[..], b"1.2.3.4"], "1.2.3.4"),
+            (vec![b"6.6.6.6, \x80", b"1.2.3.4, 10.0.0.7"], "1.2.3.4"),
+            (vec![b"caf\xc3\xa9", b"10.0.0.7, 1.2.3.4"], "1.2.3.4"),
+            // The walk reaches the earlier line: its hop right of the byte is the client.
+            (vec![b"6.6.6.6\x80, 1.2.3.4", b"10.0.0.7"], "1.2.3.4"),
+            (vec![b"\xff, 1.2.3.4, 10.0.0.8", b"10.0.0.7"], "1.2.3.4"),
+            // Reached by the walk, it stops at the last trusted address.
+            (vec![b"1.2.3.4, \x80", b"10.0.0.7"], "10.0.0.7"),
+        ] {
+            let headers: Vec<(&str, &[u8])> = lines.iter().map(|l| (xff, *l)).collect();
+            let p = parts_bytes("10.0.0.5", &headers);
+            let shown: Vec<String> = lines.iter().map(|l| l.escape_ascii().to_string()).collect();
+            assert_eq!(key(&ip, &p), want, "{shown:?}");
+        }
     }
 
     #[test]
@@ -859,6 +1237,53 @@ mod tests {
     }
 
     #[test]
+    fn keys_show_a_fingerprint_never_their_bytes() {
+        let secret = Key::from("sk_live_4eC39HqLyjWDarjtT1zdp7dc");
+        let fp = secret.fingerprint();
+        assert_eq!(
+            fp,
+            Key::from("sk_live_4eC39HqLyjWDarjtT1zdp7dc").fingerprint()
+        );
+        assert_ne!(
+            fp,
+            Key::from("sk_live_4eC39HqLyjWDarjtT1zdp7dd").fingerprint()
+        );
+        let hex = fp.to_string();
+        assert_eq!(hex.len(), 16);
+        assert!(
+            hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+            "{hex}"
+        );
+        assert_eq!(format!("{fp:?}"), hex);
+        let debug = format!("{secret:?}");
+        assert_eq!(debug, format!("Key(fp:{hex})"));
+        assert!(!debug.contains("sk_live"), "{debug}");
+        // Pretty and alternate forms too.
+        assert!(!format!("{secret:#?} {:?}", Some(&secret)).contains("sk_live"));
+        // Raw text only on request, escaped.
+        assert_eq!(secret.raw().to_string(), "sk_live_4eC39HqLyjWDarjtT1zdp7dc");
+        let odd = Key::from(&b"a\x00b\xff\n"[..]);
+        assert_eq!(odd.raw().to_string(), "a\\x00b\\xff\\n");
+        assert_eq!(format!("{:?}", odd.raw()), "RawKey(\"a\\x00b\\xff\\n\")");
+        // A hashed long key has its own fingerprint, stable too.
+        let long = Key::from("x".repeat(100));
+        assert_eq!(long.fingerprint(), Key::from("x".repeat(100)).fingerprint());
+        assert_ne!(long.fingerprint(), fp);
+    }
+
+    #[test]
+    fn hashed_key_text_is_hash_sign_and_lowercase_hex_sha256() {
+        // `printf 'a%.0s' $(seq 65) | sha256sum`
+        let want = b"#635361c48bb9eab14198e76ea8ab7f1a41685d6ad62aa9146d301d4f17eb0ae0";
+        assert_eq!(Key::from("a".repeat(65)).as_bytes(), want);
+        // Hashed piece by piece, the same text.
+        let a = "a".repeat(30);
+        let b = "a".repeat(35);
+        let parts = Key::from_parts(&[a.as_bytes(), b.as_bytes()]);
+        assert_eq!(parts.as_bytes(), want);
+    }
+
+    #[test]
     fn api_key_or_ip_never_collide() {
         let ex = ApiKeyOrIp::new(Header::new("x-api-key").unwrap(), ClientIp::new());
         let with_key = parts("1.2.3.4", &[("x-api-key", "ip:1.2.3.4")]);
@@ -869,9 +1294,205 @@ mod tests {
         assert_eq!(key(&ex, &empty), "ip:1.2.3.4");
     }
 
+    /// A request with no peer address and no `ConnectInfo`.
+    fn no_peer(headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
     #[test]
-    fn missing_peer_is_shared_unknown_key() {
-        let (p, ()) = http::Request::new(()).into_parts();
-        assert_eq!(key(&ClientIp::new(), &p), "unknown");
+    fn missing_peer_is_rejected_by_default() {
+        let p = no_peer(&[]);
+        let ip = ClientIp::new();
+        assert_eq!(ip.try_extract(&p), Err(KeyError::MissingPeer));
+        // Through an Arc too (the layer may hold one).
+        let shared: Arc<dyn KeyExtractor> = Arc::new(ip.clone());
+        assert_eq!(shared.try_extract(&p), Err(KeyError::MissingPeer));
+        // `extract` cannot fail: the shared key.
+        assert_eq!(key(&ip, &p), "unknown");
+        // A request with a peer is keyed as usual.
+        assert_eq!(
+            ip.try_extract(&parts("1.2.3.4", &[])),
+            Ok(Some(Key::from("1.2.3.4")))
+        );
+        // Forwarding headers are no substitute for the peer (a client could write them).
+        let p = no_peer(&[("x-forwarded-for", "1.2.3.4")]);
+        let behind = ClientIp::new().trust("10.0.0.0/8").unwrap();
+        assert_eq!(behind.try_extract(&p), Err(KeyError::MissingPeer));
+    }
+
+    #[test]
+    fn missing_peer_modes() {
+        let p = no_peer(&[]);
+        let shared = ClientIp::new().on_missing_peer(MissingPeer::SharedKey);
+        assert_eq!(shared.try_extract(&p), Ok(Some(Key::from("unknown"))));
+        assert_eq!(key(&shared, &p), "unknown");
+        let unlimited = ClientIp::new().on_missing_peer(MissingPeer::Unlimited);
+        assert_eq!(unlimited.try_extract(&p), Ok(None));
+        assert_eq!(unlimited.extract(&p), None);
+        let reject = ClientIp::new().on_missing_peer(MissingPeer::Reject);
+        assert_eq!(reject.try_extract(&p), Err(KeyError::MissingPeer));
+        assert_eq!(MissingPeer::default(), MissingPeer::Reject);
+        // A peer makes the mode irrelevant.
+        let p = parts("1.2.3.4", &[]);
+        for ip in [&shared, &unlimited, &reject] {
+            assert_eq!(ip.try_extract(&p), Ok(Some(Key::from("1.2.3.4"))));
+        }
+    }
+
+    #[test]
+    fn api_key_or_ip_with_missing_peer() {
+        let header = || Header::new("x-api-key").unwrap();
+        let with_key = no_peer(&[("x-api-key", "alice")]);
+        let without = no_peer(&[]);
+        let reject = ApiKeyOrIp::new(header(), ClientIp::new());
+        // An API key is enough: no peer needed.
+        assert_eq!(
+            reject.try_extract(&with_key),
+            Ok(Some(Key::from("key:alice")))
+        );
+        assert_eq!(reject.try_extract(&without), Err(KeyError::MissingPeer));
+        assert_eq!(key(&reject, &without), "ip:unknown");
+        let shared = ApiKeyOrIp::new(
+            header(),
+            ClientIp::new().on_missing_peer(MissingPeer::SharedKey),
+        );
+        assert_eq!(
+            shared.try_extract(&without),
+            Ok(Some(Key::from("ip:unknown")))
+        );
+        let unlimited = ApiKeyOrIp::new(
+            header(),
+            ClientIp::new().on_missing_peer(MissingPeer::Unlimited),
+        );
+        assert_eq!(unlimited.try_extract(&without), Ok(None));
+        assert_eq!(unlimited.extract(&without), None);
+        assert_eq!(
+            unlimited.try_extract(&with_key),
+            Ok(Some(Key::from("key:alice")))
+        );
+    }
+
+    #[test]
+    fn missing_peer_error_says_how_to_fix_it() {
+        let msg = KeyError::MissingPeer.to_string();
+        assert_eq!(msg, missing_peer_message(cfg!(feature = "axum")));
+        let with_axum = missing_peer_message(true);
+        let without = missing_peer_message(false);
+        for m in [with_axum, without] {
+            assert!(
+                m.contains("into_make_service_with_connect_info::<SocketAddr>()"),
+                "{m}"
+            );
+            assert!(m.contains("tollgate::key::PeerAddr"), "{m}");
+            assert!(m.contains("on_missing_peer"), "{m}");
+        }
+        assert!(!with_axum.contains("without its `axum` feature"));
+        assert!(without.contains("without its `axum` feature"), "{without}");
+        assert!(
+            without.contains("`ConnectInfo` is not read at all"),
+            "{without}"
+        );
+    }
+
+    #[test]
+    fn keys_for_identity_are_the_keys_requests_get() {
+        let behind = ClientIp::new().trust("10.0.0.0/8").unwrap();
+        let by_64 = ClientIp::new().ipv6_prefix(64).unwrap();
+        // (identity, peer it arrives from)
+        let clients = [
+            ("192.0.2.1", "192.0.2.1"),
+            ("::ffff:192.0.2.1", "192.0.2.1"),
+            ("192.0.2.1", "::ffff:192.0.2.1"),
+            ("2001:db8:abcd:12:1:2:3:4", "2001:db8:abcd:12:ffff::9"),
+            ("[2001:db8:abcd:12:1:2:3:4]", "2001:db8:abcd:12:1:2:3:4"),
+            ("2001:db8::1", "2001:db8::1"),
+        ];
+        for (identity, peer) in clients {
+            for ip in [ClientIp::new(), by_64.clone()] {
+                let want = ip.extract(&parts(peer, &[])).unwrap();
+                assert_eq!(
+                    ip.keys_for_identity(identity),
+                    std::slice::from_ref(&want),
+                    "{identity}"
+                );
+                let either = ApiKeyOrIp::new(Header::new("x-api-key").unwrap(), ip.clone());
+                let from_ip = either.extract(&parts(peer, &[])).unwrap();
+                let from_key = either
+                    .extract(&parts(peer, &[("x-api-key", identity)]))
+                    .unwrap();
+                assert_eq!(either.keys_for_identity(identity), [from_key, from_ip]);
+                // Through an Arc too.
+                let arc: Arc<dyn KeyExtractor> = Arc::new(ip);
+                assert_eq!(arc.keys_for_identity(identity), [want]);
+            }
+            // Behind a trusted proxy, the forwarded address is the identity.
+            let p = parts("10.0.0.5", &[("x-forwarded-for", peer)]);
+            assert_eq!(
+                behind.keys_for_identity(identity),
+                [behind.extract(&p).unwrap()]
+            );
+        }
+        // Grouped by /56, another /64 of the same /56 is the same client.
+        let p = parts("2001:db8:abcd:ff::1", &[]);
+        assert_eq!(
+            ClientIp::new().keys_for_identity("2001:db8:abcd:1:2::3"),
+            [ClientIp::new().extract(&p).unwrap()]
+        );
+        assert_ne!(
+            by_64.keys_for_identity("2001:db8:abcd:1:2::3"),
+            [by_64.extract(&p).unwrap()]
+        );
+        assert_eq!(
+            ClientIp::new().keys_for_identity("2001:db8:abcd:12:1:2:3:4")[0]
+                .raw()
+                .to_string(),
+            "2001:db8:abcd::/56"
+        );
+        for not_ip in [
+            "alice",
+            "",
+            "1.2.3.4:80",
+            "[1.2.3.4]",
+            "2001:db8::1]",
+            " 1.2.3.4",
+        ] {
+            assert!(
+                ClientIp::new().keys_for_identity(not_ip).is_empty(),
+                "{not_ip}"
+            );
+        }
+
+        let header = Header::new("x-api-key").unwrap();
+        let long = "k".repeat(200);
+        for identity in ["alice", "1.2.3.4", long.as_str()] {
+            let want = header
+                .extract(&parts("1.2.3.4", &[("x-api-key", identity)]))
+                .unwrap();
+            assert_eq!(header.keys_for_identity(identity), [want]);
+        }
+        assert!(header.keys_for_identity("").is_empty());
+
+        let either = ApiKeyOrIp::new(Header::new("x-api-key").unwrap(), ClientIp::new());
+        let alice = either
+            .extract(&parts("1.2.3.4", &[("x-api-key", "alice")]))
+            .unwrap();
+        assert_eq!(either.keys_for_identity("alice"), [alice]);
+        assert!(either.keys_for_identity("").is_empty());
+
+        assert!(Global.keys_for_identity("1.2.3.4").is_empty());
+        let closure = |req: &Parts| req.headers.get("x-tenant").map(|v| Key::from(v.as_bytes()));
+        assert!(closure.keys_for_identity("t1").is_empty());
+    }
+
+    #[test]
+    fn closures_never_fail() {
+        let ex = |req: &Parts| req.headers.get("x-tenant").map(|v| Key::from(v.as_bytes()));
+        let p = no_peer(&[("x-tenant", "t1")]);
+        assert_eq!(ex.try_extract(&p), Ok(Some(Key::from("t1"))));
+        assert_eq!(ex.try_extract(&no_peer(&[])), Ok(None));
     }
 }

@@ -404,3 +404,43 @@ async fn reset_identity_reaches_the_key_an_api_key_maps_to() {
     assert_eq!(layer.reset_identity("127.0.0.1").await.unwrap(), 2);
     assert_eq!(send(None).await, 200);
 }
+
+/// A server that gives no peer address (axum served without `ConnectInfo`) is a
+/// misconfiguration: the first request shows it as a 500, not as every client sharing one
+/// bucket; `on_missing_peer` chooses otherwise explicitly.
+#[tokio::test]
+async fn a_missing_peer_address_is_a_500_unless_chosen_otherwise() {
+    use tollgate::key::MissingPeer;
+    let strict = RateLimitLayer::builder(quota("100/s"))
+        .policy("strict")
+        .build()
+        .unwrap();
+    let shared = RateLimitLayer::builder(quota("1/h"))
+        .policy("shared")
+        .key(ClientIp::new().on_missing_peer(MissingPeer::SharedKey))
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/strict", get(|| async { "x" }).route_layer(strict.clone()))
+        .route("/shared", get(|| async { "y" }).route_layer(shared));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // No connect info: the peer address is missing.
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let c = client();
+    let res = c.get(format!("http://{addr}/strict")).send().await.unwrap();
+    assert_eq!(res.status(), 500);
+    assert!(
+        res.text()
+            .await
+            .unwrap()
+            .contains("cannot identify the client")
+    );
+    assert_eq!(strict.stats().unidentified, 1);
+    assert_eq!(strict.stats().allowed, 0);
+    // SharedKey: every such request shares one bucket, as the user asked.
+    let res = c.get(format!("http://{addr}/shared")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = c.get(format!("http://{addr}/shared")).send().await.unwrap();
+    assert_eq!(res.status(), 429);
+}

@@ -88,9 +88,9 @@ fn request() -> Request<String> {
     req
 }
 
-fn inner() -> tower::util::ServiceFn<
-    impl Fn(Request<String>) -> Ready<Result<Response<String>, std::convert::Infallible>> + Clone,
-> {
+type Answer = Ready<Result<Response<String>, std::convert::Infallible>>;
+
+fn inner() -> tower::util::ServiceFn<impl Fn(Request<String>) -> Answer + Clone> {
     tower::service_fn(|_req: Request<String>| ready(Ok(Response::new("ok".to_owned()))))
 }
 
