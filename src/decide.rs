@@ -19,6 +19,7 @@ use crate::headers::{self, HeaderStyle, PolicyFields, ResetStyle};
 use crate::key::{Key, KeyError};
 use crate::response::{RateLimitBody, Rejector, misconfigured, store_unavailable};
 use crate::store::{FailMode, Policy};
+use crate::tier::Tiering;
 
 /// What a request costs, from its parts.
 pub(crate) type CostFn = dyn Fn(&Parts) -> u32 + Send + Sync;
@@ -28,15 +29,17 @@ pub(crate) type SkipFn = dyn Fn(&Parts) -> bool + Send + Sync;
 /// Everything a layer's services share: its policy, store, key extractor, rejection and
 /// settings, all fixed when the layer is built, and its live counters.
 pub(crate) struct Shared<St, K, R> {
-    pub(crate) policy: Policy,
-    pub(crate) fields: PolicyFields,
+    /// The layer's policy, or its tiers: never empty, the first is the default.
+    pub(crate) tiers: Box<[TierEntry]>,
+    /// How a request's tier is picked, for a layer of several tiers.
+    pub(crate) tiering: Option<Tiering>,
     pub(crate) store: St,
     pub(crate) key: K,
     pub(crate) cost: Option<Arc<CostFn>>,
     pub(crate) skip: Option<Arc<SkipFn>>,
     pub(crate) fail_mode: FailMode,
-    /// The local limiter for [`FailMode::Fallback`], with the divided quota.
-    pub(crate) fallback: Option<(MemoryStore, Policy)>,
+    /// The local limiter for [`FailMode::Fallback`] (each tier has its divided policy).
+    pub(crate) fallback: Option<MemoryStore>,
     pub(crate) dry_run: bool,
     /// Delay admitted requests beyond the first `n` of a burst (nginx without `nodelay`).
     pub(crate) delay_after: Option<u32>,
@@ -56,6 +59,28 @@ pub(crate) struct Shared<St, K, R> {
     /// The same, for requests whose client could not be identified.
     pub(crate) last_key_error: AtomicU64,
     pub(crate) started: Instant,
+}
+
+/// One tier of a layer (a layer without tiers has one): its policy, the parts of its header
+/// fields worked out once, and its policy divided for the fallback limiter.
+pub(crate) struct TierEntry {
+    pub(crate) policy: Policy,
+    pub(crate) fields: PolicyFields,
+    pub(crate) fallback: Option<Policy>,
+}
+
+impl TierEntry {
+    pub(crate) fn new(policy: Policy, fail_mode: FailMode) -> Result<Self, crate::QuotaError> {
+        let fallback = match fail_mode {
+            FailMode::Fallback { divisor } => Some(policy.divided(divisor)?),
+            _ => None,
+        };
+        Ok(Self {
+            fields: PolicyFields::new(&policy),
+            policy,
+            fallback,
+        })
+    }
 }
 
 /// What to do with a request once the store (or the fail mode) has decided.
@@ -78,10 +103,25 @@ enum Degraded {
 }
 
 impl<St, K, R> Shared<St, K, R> {
-    /// The verdict on a request whose store check gave `result`.
+    /// The layer's policy (its default tier's, for a layer of tiers).
+    pub(crate) fn policy(&self) -> &Policy {
+        &self.tier(0).policy
+    }
+
+    /// Tier `index` (the default tier for an index out of range, which cannot happen).
+    #[inline]
+    pub(crate) fn tier(&self, index: usize) -> &TierEntry {
+        match self.tiers.get(index) {
+            Some(tier) => tier,
+            None => &self.tiers[0],
+        }
+    }
+
+    /// The verdict on a request of tier `tier` whose store check gave `result`.
     pub(crate) fn verdict<B>(
         &self,
         result: Result<Decision, StoreError>,
+        tier: &TierEntry,
         key: &Key,
         cost: u32,
         parts: &Parts,
@@ -91,7 +131,7 @@ impl<St, K, R> Shared<St, K, R> {
     {
         let mut decision = match result {
             Ok(decision) => decision,
-            Err(error) => match self.degrade(&error, key, cost) {
+            Err(error) => match self.degrade(&error, tier, key, cost) {
                 Degraded::Fallback(decision) => decision,
                 Degraded::Open(decision) => {
                     return Verdict::Pass {
@@ -106,7 +146,7 @@ impl<St, K, R> Shared<St, K, R> {
                 }
             },
         };
-        decision.set_policy(self.policy.name_arc());
+        decision.set_policy(tier.policy.name_arc());
         if decision.outcome() == Outcome::Allowed {
             self.counters.add(Counter::Allowed);
             return Verdict::Pass {
@@ -114,7 +154,7 @@ impl<St, K, R> Shared<St, K, R> {
                 fields: true,
             };
         }
-        self.log_limited(key, cost, &decision);
+        self.log_limited(tier, key, cost, &decision);
         if self.dry_run {
             self.counters.add(Counter::DryRunDenied);
             return Verdict::Pass {
@@ -123,25 +163,25 @@ impl<St, K, R> Shared<St, K, R> {
             };
         }
         self.counters.add(Counter::Denied);
-        Verdict::Respond(self.reject(decision, parts))
+        Verdict::Respond(self.reject(tier, decision, parts))
     }
 
     /// The store failed: what the fail mode makes of the request.
-    fn degrade(&self, error: &StoreError, key: &Key, cost: u32) -> Degraded {
+    fn degrade(&self, error: &StoreError, tier: &TierEntry, key: &Key, cost: u32) -> Degraded {
         self.counters.add(Counter::StoreErrors);
         self.counters.add(Counter::Degraded);
-        self.warn_store_failure(error, key);
-        match (&self.fail_mode, &self.fallback) {
-            (FailMode::Closed, _) => Degraded::Closed,
-            (FailMode::Fallback { .. }, Some((store, policy))) => {
+        self.warn_store_failure(error, tier, key);
+        match (&self.fail_mode, &self.fallback, &tier.fallback) {
+            (FailMode::Closed, _, _) => Degraded::Closed,
+            (FailMode::Fallback { .. }, Some(store), Some(policy)) => {
                 let mut decision = store.check_now(policy, key, cost);
                 decision.degraded = true;
                 Degraded::Fallback(decision)
             }
             _ => {
                 self.counters.add(Counter::Allowed);
-                let mut decision = Decision::fail_open(self.policy.quota());
-                decision.set_policy(self.policy.name_arc());
+                let mut decision = Decision::fail_open(tier.policy.quota());
+                decision.set_policy(tier.policy.name_arc());
                 Degraded::Open(decision)
             }
         }
@@ -149,7 +189,12 @@ impl<St, K, R> Shared<St, K, R> {
 
     /// The rejection of a denied (or impossible) request, with `Retry-After`, this layer's
     /// fields and the decision in its extensions.
-    fn reject<B>(&self, decision: Decision, parts: &Parts) -> Response<RateLimitBody<B>>
+    fn reject<B>(
+        &self,
+        tier: &TierEntry,
+        decision: Decision,
+        parts: &Parts,
+    ) -> Response<RateLimitBody<B>>
     where
         R: Rejector<B>,
     {
@@ -169,7 +214,7 @@ impl<St, K, R> Shared<St, K, R> {
                 headers,
                 self.header_style,
                 self.reset_style,
-                &self.fields,
+                &tier.fields,
                 &decision,
             );
         }
@@ -188,7 +233,7 @@ impl<St, K, R> Shared<St, K, R> {
         if once_a_second(&self.last_key_error, self.started) {
             tracing::error!(
                 target: "tollgate::key",
-                policy = self.policy.name(),
+                policy = self.policy().name(),
                 error = %error,
                 "rate limiter cannot identify the client; answering 500"
             );
@@ -201,6 +246,7 @@ impl<St, K, R> Shared<St, K, R> {
     pub(crate) fn finish_admitted<B>(
         &self,
         response: &mut Response<B>,
+        tier: usize,
         decision: Decision,
         fields: bool,
     ) {
@@ -209,7 +255,7 @@ impl<St, K, R> Shared<St, K, R> {
                 response.headers_mut(),
                 self.header_style,
                 self.reset_style,
-                &self.fields,
+                &self.tier(tier).fields,
                 &decision,
             );
         }
@@ -240,7 +286,12 @@ impl<St, K, R> Shared<St, K, R> {
     /// How long an admitted request waits before it is served (nginx `limit_req` without
     /// `nodelay`): `None` unless the layer delays and the request is beyond the first
     /// `delay_after` of a burst.
-    pub(crate) fn delay_for(&self, decision: &Decision, key: &Key) -> Option<std::time::Duration> {
+    pub(crate) fn delay_for(
+        &self,
+        tier: &TierEntry,
+        decision: &Decision,
+        key: &Key,
+    ) -> Option<std::time::Duration> {
         let after = self.delay_after?;
         if !decision.is_allowed() || decision.is_degraded() {
             return None;
@@ -259,7 +310,7 @@ impl<St, K, R> Shared<St, K, R> {
                 tracing::event!(
                     target: "tollgate::limited",
                     $level,
-                    policy = self.policy.name(),
+                    policy = tier.policy.name(),
                     key = %key,
                     delay_ms = delay.as_millis() as u64,
                     "request delayed"
@@ -275,14 +326,14 @@ impl<St, K, R> Shared<St, K, R> {
         Some(delay)
     }
 
-    fn log_limited(&self, key: &Key, cost: u32, decision: &Decision) {
+    fn log_limited(&self, tier: &TierEntry, key: &Key, cost: u32, decision: &Decision) {
         let key = self.log_key(key);
         macro_rules! limited {
             ($level:expr) => {
                 tracing::event!(
                     target: "tollgate::limited",
                     $level,
-                    policy = self.policy.name(),
+                    policy = tier.policy.name(),
                     key = %key,
                     cost,
                     outcome = ?decision.outcome(),
@@ -303,13 +354,13 @@ impl<St, K, R> Shared<St, K, R> {
     }
 
     /// Warns about a store failure at most once a second per layer.
-    fn warn_store_failure(&self, error: &StoreError, key: &Key) {
+    fn warn_store_failure(&self, error: &StoreError, tier: &TierEntry, key: &Key) {
         if !once_a_second(&self.last_warning, self.started) {
             return;
         }
         tracing::warn!(
             target: "tollgate::store",
-            policy = self.policy.name(),
+            policy = tier.policy.name(),
             key = %self.log_key(key),
             kind = ?error.kind(),
             fail_mode = ?self.fail_mode,

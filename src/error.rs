@@ -112,6 +112,14 @@ pub enum ConfigError {
          share that layer's limit on purpose)"
     )]
     UnnamedPolicy,
+    /// A tier name the layer does not have.
+    #[error("the layer has no tier {name:?}; its tiers are {known}")]
+    UnknownTier {
+        /// The name given.
+        name: String,
+        /// The layer's tiers, comma-separated.
+        known: String,
+    },
     /// Anything else, with a message saying what to change.
     #[error("{0}")]
     Invalid(String),

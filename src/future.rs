@@ -38,18 +38,20 @@ pin_project! {
             check: C,
             pending: Option<(S, Request<ReqBody>, Key)>,
             cost: u32,
+            tier: usize,
         },
         Delaying {
             #[pin]
             sleep: tokio::time::Sleep,
             pending: Option<(S, Request<ReqBody>, Decision)>,
+            tier: usize,
         },
         Calling {
             #[pin]
             fut: F,
-            // The decision, and whether its rate-limit fields go on the response (not for
-            // fail-open verdicts); `None` for unlimited requests.
-            decision: Option<(Decision, bool)>,
+            // The decision, its tier, and whether its rate-limit fields go on the response
+            // (not for fail-open verdicts); `None` for unlimited requests.
+            decision: Option<(Decision, usize, bool)>,
         },
         // Answered without the inner service (a rejection or a 503).
         Ready {
@@ -73,6 +75,7 @@ where
         req: Request<ReqBody>,
         key: &Key,
         cost: u32,
+        tier: usize,
         shared: Arc<Shared<St, K, R>>,
     ) -> Self {
         let state = next_state(
@@ -82,6 +85,7 @@ where
             req,
             key,
             cost,
+            tier,
         );
         Self { state, shared }
     }
@@ -92,6 +96,7 @@ where
         req: Request<ReqBody>,
         key: Key,
         cost: u32,
+        tier: usize,
         shared: Arc<Shared<St, K, R>>,
     ) -> Self {
         Self {
@@ -99,6 +104,7 @@ where
                 check,
                 pending: Some((inner, req, key)),
                 cost,
+                tier,
             },
             shared,
         }
@@ -171,6 +177,7 @@ fn next_state<S, St, K, R, ReqBody, ResBody>(
     req: Request<ReqBody>,
     key: &Key,
     cost: u32,
+    tier: usize,
 ) -> State<St::Future, S, ReqBody, S::Future, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
@@ -178,20 +185,22 @@ where
     R: Rejector<ResBody>,
 {
     let (mut parts, body) = req.into_parts();
-    match shared.verdict(result, key, cost, &parts) {
+    let entry = shared.tier(tier);
+    match shared.verdict(result, entry, key, cost, &parts) {
         Verdict::Pass { decision, fields } => {
             Decisions::push_inner(&mut parts.extensions, decision.clone());
             parts.extensions.insert(decision.clone());
             let req = Request::from_parts(parts, body);
-            if fields && let Some(delay) = shared.delay_for(&decision, key) {
+            if fields && let Some(delay) = shared.delay_for(entry, &decision, key) {
                 return State::Delaying {
                     sleep: tokio::time::sleep(delay),
                     pending: Some((inner.take(), req, decision)),
+                    tier,
                 };
             }
             State::Calling {
                 fut: inner.call(req),
-                decision: Some((decision, fields)),
+                decision: Some((decision, tier, fields)),
             }
         }
         Verdict::Respond(response) => {
@@ -219,9 +228,10 @@ where
                     check,
                     pending,
                     cost,
+                    tier,
                 } => {
                     let result = ready!(check.poll(cx));
-                    let cost = *cost;
+                    let (cost, tier) = (*cost, *tier);
                     let next = match pending.take() {
                         Some((inner, req, key)) => next_state(
                             this.shared,
@@ -230,13 +240,19 @@ where
                             req,
                             &key,
                             cost,
+                            tier,
                         ),
                         None => State::Done,
                     };
                     this.state.set(next);
                 }
-                StateProj::Delaying { sleep, pending } => {
+                StateProj::Delaying {
+                    sleep,
+                    pending,
+                    tier,
+                } => {
                     ready!(sleep.poll(cx));
+                    let tier = *tier;
                     let Some((mut inner, req, decision)) = pending.take() else {
                         this.state.set(State::Done);
                         continue;
@@ -244,7 +260,7 @@ where
                     let fut = inner.call(req);
                     this.state.set(State::Calling {
                         fut,
-                        decision: Some((decision, true)),
+                        decision: Some((decision, tier, true)),
                     });
                 }
                 StateProj::Calling { fut, decision } => {
@@ -252,8 +268,9 @@ where
                     let decision = decision.take();
                     this.state.set(State::Done);
                     let mut response = response.map(RateLimitBody::inner);
-                    if let Some((decision, fields)) = decision {
-                        this.shared.finish_admitted(&mut response, decision, fields);
+                    if let Some((decision, tier, fields)) = decision {
+                        this.shared
+                            .finish_admitted(&mut response, tier, decision, fields);
                     }
                     return Poll::Ready(Ok(response));
                 }

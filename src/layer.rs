@@ -10,14 +10,15 @@ use tower_layer::Layer;
 use tracing::Level;
 
 use crate::MemoryStore;
-use crate::decide::{CostFn, Counters, Shared, SkipFn, Stats};
+use crate::decide::{CostFn, Counters, Shared, SkipFn, Stats, TierEntry};
 use crate::error::{ConfigError, StoreError};
-use crate::headers::{HeaderStyle, PolicyFields, ResetStyle};
+use crate::headers::{HeaderStyle, ResetStyle};
 use crate::key::{ClientIp, KeyExtractor};
 use crate::quota::Quota;
 use crate::response::{DefaultRejection, RejectWith, Rejection, RejectionBody};
 use crate::service::RateLimit;
 use crate::store::{FailMode, Policy, Store};
+use crate::tier::{DEFAULT_MAX_ASSIGNMENTS, SelectFn, Tier, Tiering, Tiers};
 
 /// A Tower layer that rate-limits requests by key, with one [`Policy`] and one [`Store`].
 ///
@@ -49,7 +50,8 @@ impl<St, K, R> Clone for RateLimitLayer<St, K, R> {
 impl<St, K, R> fmt::Debug for RateLimitLayer<St, K, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
-            .field("policy", &self.shared.policy)
+            .field("policy", self.shared.policy())
+            .field("tiers", &self.shared.tiers.len())
             .field("fail_mode", &self.shared.fail_mode)
             .field("dry_run", &self.shared.dry_run)
             .finish_non_exhaustive()
@@ -66,7 +68,13 @@ impl<K: KeyExtractor> RateLimitLayer<MemoryStore, K> {
             // A new store knows no other policy, so this cannot conflict.
             let _ = registry.register(&policy, false);
         }
-        Self::from_parts(Builder::new(quota).key(key).store(store).parts(policy))
+        let tier = TierEntry::new(policy, FailMode::default())
+            .unwrap_or_else(|_| unreachable!("only a fallback divides the policy"));
+        let parts = Builder::new(quota)
+            .key(key)
+            .store(store)
+            .parts(vec![tier], None);
+        Self::from_parts(parts)
     }
 }
 
@@ -84,9 +92,26 @@ impl<St, K, R> RateLimitLayer<St, K, R> {
         }
     }
 
-    /// The layer's policy (name and quota).
+    /// The layer's policy (name and quota); for a layer of tiers, the default tier's.
     pub fn policy(&self) -> &Policy {
-        &self.shared.policy
+        self.shared.policy()
+    }
+
+    /// The names of the layer's tiers, the default first (one name for a layer without tiers).
+    pub fn tier_names(&self) -> impl Iterator<Item = &str> {
+        self.shared.tiers.iter().map(|t| t.policy.name())
+    }
+
+    /// The policy of the tier called `name`.
+    pub fn tier_policy(&self, name: &str) -> Option<&Policy> {
+        self.tier_index(name).map(|i| &self.shared.tier(i).policy)
+    }
+
+    fn tier_index(&self, name: &str) -> Option<usize> {
+        self.shared
+            .tiers
+            .iter()
+            .position(|t| t.policy.name() == name)
     }
 
     /// The store the layer decides with.
@@ -132,16 +157,78 @@ impl<St: Store, K: KeyExtractor, R> RateLimitLayer<St, K, R> {
     ///
     /// # Errors
     /// The store's [`StoreError`] when it cannot reset (the fallback limiter never fails).
+    ///
+    /// A layer of tiers resets the identity under every tier (and keeps its tier assignment).
     pub async fn reset_identity(&self, identity: &str) -> Result<usize, StoreError> {
         let shared = &self.shared;
         let keys = shared.key.keys_for_identity(identity);
         for key in &keys {
-            shared.store.reset(&shared.policy, key).await?;
-            if let Some((fallback, policy)) = &shared.fallback {
-                fallback.remove(policy, key);
+            for tier in &*shared.tiers {
+                shared.store.reset(&tier.policy, key).await?;
+                if let (Some(fallback), Some(policy)) = (&shared.fallback, &tier.fallback) {
+                    fallback.remove(policy, key);
+                }
             }
         }
         Ok(keys.len())
+    }
+
+    /// Moves the client called `identity` (its API key or IP address, as for
+    /// [`reset_identity`](Self::reset_identity)) to the tier called `tier`, from its next
+    /// request on, whatever the selector or resolver say; returns how many keys the identity
+    /// maps to (0: the key extractor cannot map identities, nothing was assigned).
+    ///
+    /// The client's next request is decided by that tier's own state (see
+    /// [the tier docs](crate::tier) for exactly what it sees).
+    ///
+    /// ```
+    /// use tollgate::{RateLimitLayer, Tiers};
+    /// use tollgate::key::Header;
+    ///
+    /// let layer = RateLimitLayer::builder("3/m".parse()?)
+    ///     .key(Header::new("x-api-key")?)
+    ///     .tiers("free=3/m,pro=10/m".parse()?)
+    ///     .build()?;
+    /// assert_eq!(layer.set_tier("sk_live_42", "pro")?, 1);
+    /// assert_eq!(layer.tier_of("sk_live_42"), Some("pro"));
+    /// assert!(layer.set_tier("sk_live_42", "gold").is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::UnknownTier`] for a tier the layer does not have (the assignment is left
+    /// as it was); [`ConfigError::Invalid`] past [`Builder::max_tier_assignments`].
+    pub fn set_tier(&self, identity: &str, tier: &str) -> Result<usize, ConfigError> {
+        let Some(index) = self.tier_index(tier) else {
+            return Err(ConfigError::UnknownTier {
+                name: tier.chars().take(80).collect(),
+                known: self.tier_names().collect::<Vec<_>>().join(", "),
+            });
+        };
+        let Some(tiering) = &self.shared.tiering else {
+            // One tier only: it is already everyone's.
+            return Ok(self.shared.key.keys_for_identity(identity).len());
+        };
+        let keys = self.shared.key.keys_for_identity(identity);
+        tiering.assign(&keys, index)?;
+        Ok(keys.len())
+    }
+
+    /// Forgets the runtime tier of the client called `identity`: the selector (or resolver,
+    /// or default) decides its tier again. Returns how many assignments were removed.
+    pub fn clear_tier(&self, identity: &str) -> usize {
+        match &self.shared.tiering {
+            Some(tiering) => tiering.unassign(&self.shared.key.keys_for_identity(identity)),
+            None => 0,
+        }
+    }
+
+    /// The tier assigned at runtime to the client called `identity`, if any.
+    pub fn tier_of(&self, identity: &str) -> Option<&str> {
+        let tiering = self.shared.tiering.as_ref()?;
+        let keys = self.shared.key.keys_for_identity(identity);
+        let index = keys.iter().find_map(|key| tiering.assigned(key))?;
+        Some(self.shared.tier(index).policy.name())
     }
 }
 
@@ -212,6 +299,9 @@ struct Settings {
     rejection_fields: bool,
     log_level: Level,
     log_raw_keys: bool,
+    tiers: Option<Tiers>,
+    select_tier: Option<Arc<SelectFn>>,
+    max_tier_assignments: usize,
 }
 
 impl<St, K, R> fmt::Debug for Builder<St, K, R> {
@@ -243,6 +333,9 @@ impl Builder {
                 rejection_fields: true,
                 log_level: Level::INFO,
                 log_raw_keys: false,
+                tiers: None,
+                select_tier: None,
+                max_tier_assignments: DEFAULT_MAX_ASSIGNMENTS,
             },
             store: MemoryStore::new(),
             key: ClientIp::new(),
@@ -485,6 +578,33 @@ impl<St, K, R> Builder<St, K, R> {
         self
     }
 
+    /// A different quota per client: the layer's policies are `tiers` (the first is the
+    /// default tier), instead of the builder's quota and policy name. Each tier reports under
+    /// its own name and keeps its own state; see [`crate::tier`] for how a request's tier is
+    /// picked and what a client sees when it changes tier.
+    pub fn tiers(mut self, tiers: Tiers) -> Self {
+        self.settings.tiers = Some(tiers);
+        self
+    }
+
+    /// Picks a request's tier from its parts and key, on the hot path (it must not block;
+    /// returning a [`Tier`] handle allocates nothing); `None` means the default tier. Runtime
+    /// assignments ([`RateLimitLayer::set_tier`]) take precedence. Needs [`tiers`](Self::tiers).
+    pub fn select_tier(
+        mut self,
+        select: impl Fn(&Parts, &crate::Key) -> Option<Tier> + Send + Sync + 'static,
+    ) -> Self {
+        self.settings.select_tier = Some(Arc::new(select));
+        self
+    }
+
+    /// The most clients [`RateLimitLayer::set_tier`] may assign a tier to (default
+    /// 1,000,000), so runtime assignments stay bounded.
+    pub fn max_tier_assignments(mut self, max: usize) -> Self {
+        self.settings.max_tier_assignments = max;
+        self
+    }
+
     /// Log client keys as they are in `tollgate::*` events, instead of their fingerprints
     /// (default false).
     ///
@@ -505,16 +625,20 @@ impl<St, K, R> Builder<St, K, R> {
         self
     }
 
-    fn parts(self, policy: Policy) -> Shared<St, K, R> {
+    fn parts(self, tiers: Vec<TierEntry>, tiering: Option<Tiering>) -> Shared<St, K, R> {
+        let fallback = tiers
+            .iter()
+            .any(|t| t.fallback.is_some())
+            .then(MemoryStore::new);
         Shared {
-            fields: PolicyFields::new(&policy),
-            policy,
+            tiers: tiers.into_boxed_slice(),
+            tiering,
             store: self.store,
             key: self.key,
             cost: self.settings.cost,
             skip: self.settings.skip,
             fail_mode: self.settings.fail_mode,
-            fallback: None,
+            fallback,
             dry_run: self.settings.dry_run,
             delay_after: self.settings.delay_after,
             header_style: self.settings.header_style,
@@ -551,20 +675,39 @@ impl<St: Store, K: KeyExtractor, R> Builder<St, K, R> {
                     .into(),
             ));
         }
-        let named = self.settings.policy_name.is_some();
-        let name = self.settings.policy_name.as_deref().unwrap_or("default");
-        let quotas =
-            std::iter::once(self.settings.quota).chain(self.settings.more_quotas.iter().copied());
-        let policy = Policy::multi(name, quotas)?;
-        if let Some(registry) = self.store.registry() {
-            registry.register(&policy, named)?;
-        }
-        let fallback = match self.settings.fail_mode {
-            FailMode::Fallback { divisor } => Some((MemoryStore::new(), policy.divided(divisor)?)),
-            _ => None,
+        let (policies, named, tiering) = match &self.settings.tiers {
+            Some(tiers) => {
+                let tiering = Tiering::new(
+                    tiers.id(),
+                    self.settings.select_tier.clone(),
+                    self.settings.max_tier_assignments,
+                );
+                (tiers.clone().into_policies(), true, Some(tiering))
+            }
+            None => {
+                if self.settings.select_tier.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "select_tier needs tiers to choose from: declare them with \
+                         Builder::tiers(\"free=60/m,pro=600/m\".parse()?)"
+                            .into(),
+                    ));
+                }
+                let name = self.settings.policy_name.as_deref().unwrap_or("default");
+                let quotas = std::iter::once(self.settings.quota)
+                    .chain(self.settings.more_quotas.iter().copied());
+                let policy = Policy::multi(name, quotas)?;
+                (vec![policy], self.settings.policy_name.is_some(), None)
+            }
         };
-        let mut shared = self.parts(policy);
-        shared.fallback = fallback;
-        Ok(RateLimitLayer::from_parts(shared))
+        if let Some(registry) = self.store.registry() {
+            for policy in &policies {
+                registry.register(policy, named)?;
+            }
+        }
+        let tiers = policies
+            .into_iter()
+            .map(|policy| TierEntry::new(policy, self.settings.fail_mode))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RateLimitLayer::from_parts(self.parts(tiers, tiering)))
     }
 }

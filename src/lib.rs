@@ -57,6 +57,7 @@ pub mod quota;
 mod response;
 mod service;
 pub mod store;
+pub mod tier;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use decide::Stats;
@@ -78,6 +79,7 @@ pub use store::{BoxStore, FailMode, Policy, PolicyRegistry, Store};
 pub use store::{
     BreakerConfig, BreakerState, BreakerStats, CircuitBreaker, DenyCache, DenyCacheStats,
 };
+pub use tier::{Tier, Tiers};
 
 /// The README's examples, compiled and run as doctests so they never go stale.
 #[cfg(doctest)]

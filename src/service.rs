@@ -57,7 +57,7 @@ impl<S: std::fmt::Debug, St, K, R> std::fmt::Debug for RateLimit<S, St, K, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
-            .field("policy", &self.shared.policy)
+            .field("policy", self.shared.policy())
             .finish_non_exhaustive()
     }
 }
@@ -101,7 +101,12 @@ where
             return ResponseFuture::unlimited(fut, Arc::clone(shared));
         };
         let cost = shared.cost.as_ref().map_or(1, |cost| cost(&parts));
-        if let Some(result) = shared.store.check_ready(&shared.policy, &key, cost) {
+        let tier = match &shared.tiering {
+            None => 0,
+            Some(tiering) => tiering.pick(&parts, &key),
+        };
+        let policy = &shared.tier(tier).policy;
+        if let Some(result) = shared.store.check_ready(policy, &key, cost) {
             // Decided at once: the instance that was polled ready is called right here (or
             // handed to the future only if the request must wait), so nothing is cloned.
             let req = Request::from_parts(parts, body);
@@ -111,19 +116,21 @@ where
                 req,
                 &key,
                 cost,
+                tier,
                 Arc::clone(shared),
             );
         }
         // The future owns the instance that was polled ready; this one keeps a fresh clone.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let check = shared.store.check(&shared.policy, &key, cost);
+        let check = shared.store.check(policy, &key, cost);
         ResponseFuture::checking(
             check,
             inner,
             Request::from_parts(parts, body),
             key,
             cost,
+            tier,
             Arc::clone(shared),
         )
     }

@@ -1,9 +1,9 @@
 //! Identities are credentials: no event of a denial, a delay, a store failure or a dry-run
 //! denial carries the raw API key, only its fingerprint, unless the layer explicitly opts in.
 
+mod common;
+
 use std::future::{Ready, ready};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 
 use http::{Request, Response};
 use tollgate::key::{ApiKeyOrIp, ClientIp, Header, PeerAddr};
@@ -13,42 +13,9 @@ use tollgate::{
 };
 use tower::{Layer, Service, ServiceExt};
 
+use common::logs::capture;
+
 const SECRET: &str = "sk_live_SECRET123";
-
-/// Everything the subscriber writes, as text.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Captures every event at TRACE and above on this thread while `f` runs.
-async fn capture<F: std::future::Future<Output = ()>>(f: F) -> String {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    f.await;
-    captured.text()
-}
 
 /// A store that always fails.
 #[derive(Clone)]

@@ -3,5 +3,6 @@
 
 pub mod demo;
 pub mod http;
+pub mod logs;
 pub mod redis;
 pub mod vectors;
