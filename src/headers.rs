@@ -1,4 +1,4 @@
-//! Rate-limit header fields (DESIGN §4): IETF draft-ietf-httpapi-ratelimit-headers-10
+//! Rate-limit header fields: IETF draft-ietf-httpapi-ratelimit-headers-10
 //! `RateLimit` / `RateLimit-Policy`, legacy `X-RateLimit-*`, and `Retry-After`.
 //!
 //! | style | fields |

@@ -37,7 +37,8 @@
 //! A quota of `limit` per `period` with `capacity` B has emission interval `T = period / limit`.
 //! A client idle for `B × T` may send B requests at once, then one every `T`. A denied request
 //! charges nothing; a request with cost 0 is a peek; a request whose cost exceeds B can never
-//! pass ([`Outcome::Impossible`]). See `DESIGN.md` §3 for the exact arithmetic and test vectors.
+//! pass ([`Outcome::Impossible`]). The [`gcra`] module has the exact arithmetic; the
+//! conformance kit (`store::conformance`, feature `test-util`) its test vectors.
 //!
 //! Minimum supported Rust version: 1.88.
 

@@ -37,7 +37,8 @@ pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 /// Fewest new keys between two automatic sweeps.
 const MIN_SWEEP_INTERVAL: usize = 4_096;
 
-/// An in-process store: exact, lock-free on the hot path, bounded in memory.
+/// An in-process store: exact, a shard read guard and a compare-and-swap per decision, bounded
+/// in memory.
 ///
 /// Clones share one map, so one store can back several layers (each layer's policy name keeps
 /// its keys apart).
