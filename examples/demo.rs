@@ -30,14 +30,15 @@ use subtle::ConstantTimeEq;
 use tollgate::key::{ApiKeyOrIp, ClientIp, Header, KeyError};
 use tollgate::{
     BoxStore, Decision, FailMode, HeaderStyle, Key, KeyExtractor, MemoryStore, Quota,
-    RateLimitLayer,
+    RateLimitLayer, Tiers,
 };
 
 /// tollgate demo: an axum API behind tollgate rate limits.
 ///
 /// Routes: GET /api/hello (policy "default"), GET /api/expensive ("default" and "expensive"),
 /// GET /api/multi (policy "multi"), GET /api/quota (a peek at "default"), GET /healthz (never
-/// limited); with --admin-token, GET /admin/stats and POST /admin/reset/{identity}.
+/// limited); with --admin-token, GET /admin/stats, POST /admin/reset/{identity} and
+/// POST /admin/tier/{identity}/{tier}.
 #[derive(Debug, Parser)]
 #[command(name = "demo")]
 struct Args {
@@ -91,6 +92,23 @@ struct Args {
     /// decision; a denial charges none of them.
     #[arg(long, value_name = "LIST", default_value = "2/s,5/h", value_parser = parse_quota_list)]
     multi_quotas: QuotaList,
+    /// Tiers of the global policy, e.g. "free=3/m,pro=10/m;capacity=20" (a tier of several
+    /// quotas joins them with &); the first is the default tier, and each reports under its own
+    /// name. Without it the global policy is --rate/--capacity.
+    #[arg(long, value_name = "LIST")]
+    tiers: Option<Tiers>,
+    /// Identity ID (API key, else client IP) starts in TIER (repeatable; needs --tiers).
+    #[arg(long = "tier-of", value_name = "ID=TIER", value_parser = parse_tier_of, requires = "tiers")]
+    tier_of: Vec<(String, String)>,
+}
+
+fn parse_tier_of(item: &str) -> Result<(String, String), String> {
+    match item.split_once('=') {
+        Some((id, tier)) if !id.is_empty() && !tier.is_empty() => {
+            Ok((id.to_owned(), tier.to_owned()))
+        }
+        _ => Err(format!("{item:?} is not ID=TIER, e.g. alice=pro")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -228,8 +246,11 @@ fn app(
             .with_capacity(capacity)
             .map_err(|e| format!("--capacity: {e}"))?;
     }
-    let default = RateLimitLayer::builder(rate)
-        .policy("default")
+    let mut default = RateLimitLayer::builder(rate).policy("default");
+    if let Some(tiers) = &args.tiers {
+        default = default.tiers(tiers.clone());
+    }
+    let default = default
         .store(store.clone())
         .key(key.clone())
         .headers(args.headers)
@@ -241,6 +262,11 @@ fn app(
         .cost(|req| u32::from(req.uri.path() != "/api/quota"))
         .build()
         .map_err(|e| format!("policy default: {e}"))?;
+    for (identity, tier) in &args.tier_of {
+        default
+            .set_tier(identity, tier)
+            .map_err(|e| format!("--tier-of {identity}={tier}: {e}"))?;
+    }
     let expensive = RateLimitLayer::builder(args.expensive_rate)
         .policy("expensive")
         .store(store.clone())
@@ -284,7 +310,8 @@ fn app(
     if state.admin_token.is_some() {
         router = router
             .route("/admin/stats", get(stats))
-            .route("/admin/reset/{identity}", post(reset));
+            .route("/admin/reset/{identity}", post(reset))
+            .route("/admin/tier/{identity}/{tier}", post(move_tier));
     }
     Ok(router.layer(default).with_state(state))
 }
@@ -308,7 +335,7 @@ async fn expensive_handler() -> Json<serde_json::Value> {
 async fn quota(decision: Option<Extension<Decision>>) -> Json<serde_json::Value> {
     match decision {
         Some(Extension(d)) => Json(json!({
-            "policy": "default",
+            "policy": d.policy(),
             "capacity": d.capacity(),
             "remaining": d.remaining(),
             "reset_after_ms": d.reset_after().as_millis() as u64,
@@ -406,6 +433,32 @@ async fn reset(
     // `cleared` counts, per policy, the store keys this identity can have (an API-key-else-IP
     // demo clears an address both as an API key and as an IP).
     Json(json!({ "reset": identity, "cleared": cleared })).into_response()
+}
+
+/// Moves one client, known by its identity, to another tier of the global policy, from its
+/// next request on; 404 for a tier the demo does not have.
+async fn move_tier(
+    State(state): State<AppState>,
+    Path((identity, tier)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    match state.default.set_tier(&identity, &tier) {
+        Ok(0) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "identity": identity, "error": "no client can have this identity under the demo's --key" })),
+        )
+            .into_response(),
+        Ok(keys) => Json(json!({ "identity": identity, "tier": tier, "keys": keys })).into_response(),
+        Err(e @ tollgate::ConfigError::UnknownTier { .. }) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "tier": tier, "error": e.to_string() })),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INSUFFICIENT_STORAGE, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn shutdown_signal() {
@@ -523,9 +576,13 @@ async fn main() -> ExitCode {
         }
     };
     let addr = listener.local_addr().unwrap_or(args.listen);
+    let limit = match &args.tiers {
+        Some(tiers) => format!("tiers: {tiers}"),
+        None => format!("rate: {}", args.rate),
+    };
     println!(
-        "tollgate demo listening on http://{addr} (store: {store_name}, rate: {}, key: {})",
-        args.rate, args.key
+        "tollgate demo listening on http://{addr} (store: {store_name}, {limit}, key: {})",
+        args.key
     );
     let served = axum::serve(
         listener,

@@ -192,3 +192,77 @@ fn multi_quota_route_checks_every_quota_atomically() {
             .contains("default")
     );
 }
+
+/// `--tiers`: each identity is limited by its tier's own quota, reported under the tier's name;
+/// `--tier-of` and `POST /admin/tier/{identity}/{tier}` place clients, 404 for unknown tiers.
+#[test]
+fn tiers_give_each_client_its_own_quota_and_move_at_runtime() {
+    let demo = Demo::start(&[
+        "--tiers",
+        "free=3/m,pro=10/m;capacity=20",
+        "--tier-of",
+        "alice=pro",
+        "--admin-token",
+        "t",
+    ]);
+    assert!(
+        demo.banner.contains("tiers: free=3/m,pro=10/m;capacity=20"),
+        "{}",
+        demo.banner
+    );
+    let c = reqwest::blocking::Client::new();
+    let hello = |key: &str| {
+        c.get(demo.url("/api/hello"))
+            .header("x-api-key", key)
+            .send()
+            .unwrap()
+    };
+    let res = hello("alice");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["ratelimit-policy"], "\"pro\";q=10;w=60");
+    assert_eq!(res.headers()["ratelimit"], "\"pro\";r=19;t=6");
+    for left in [2, 1, 0] {
+        let res = hello("bob");
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["ratelimit-policy"], "\"free\";q=3;w=60");
+        assert_eq!(
+            res.headers()["ratelimit"],
+            format!("\"free\";r={left};t=20").as_str()
+        );
+    }
+    assert_eq!(hello("bob").status(), 429);
+    let admin = |path: &str| c.post(demo.url(path)).bearer_auth("t").send().unwrap();
+    assert_eq!(admin("/admin/tier/bob/gold").status(), 404);
+    assert_eq!(
+        hello("bob").status(),
+        429,
+        "an unknown tier changes nothing"
+    );
+    let res = admin("/admin/tier/bob/pro");
+    assert_eq!(res.status(), 200);
+    let res = hello("bob");
+    assert_eq!(res.status(), 200, "upgraded on the next request");
+    assert_eq!(res.headers()["ratelimit"], "\"pro\";r=19;t=6");
+    // The quota peek reports the tier too.
+    let quota: serde_json::Value = c
+        .get(demo.url("/api/quota"))
+        .header("x-api-key", "bob")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(quota["policy"], "pro");
+    // Bad flags: an unknown tier in --tier-of, --tier-of without --tiers.
+    for args in [
+        &["--tiers", "free=3/m", "--tier-of", "alice=pro"][..],
+        &["--tier-of", "alice=pro"],
+        &["--tiers", "free=3/x"],
+    ] {
+        let out = std::process::Command::new(demo_binary())
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?}");
+    }
+}

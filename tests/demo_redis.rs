@@ -54,6 +54,42 @@ fn two_demo_servers_share_one_limit() {
     );
 }
 
+/// Tiers on Redis: two demo instances share each tier's limit exactly.
+#[test]
+fn two_demo_servers_share_a_tiers_limit() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--tiers",
+        "free=2/m,pro=6/m",
+        "--tier-of",
+        "alice=pro",
+    ];
+    let (a, b) = (Demo::start(&args), Demo::start(&args));
+    let c = client();
+    for (key, tier, limit) in [("alice", "pro", 6), ("bob", "free", 2)] {
+        let mut admitted = 0;
+        for _ in 0..5 {
+            for demo in [&a, &b] {
+                let res = c
+                    .get(demo.url("/api/hello"))
+                    .header("x-api-key", key)
+                    .send()
+                    .unwrap();
+                let member = res.headers()["ratelimit-policy"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                assert!(member.starts_with(&format!("\"{tier}\";")), "{member}");
+                admitted += usize::from(res.status() == 200);
+            }
+        }
+        assert_eq!(admitted, limit, "{key} on {tier}");
+    }
+}
+
 #[test]
 fn redis_outage_follows_the_fail_mode() {
     let mut redis = RedisServer::start();
