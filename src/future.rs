@@ -16,6 +16,7 @@ use crate::error::StoreError;
 use crate::key::Key;
 use crate::response::{RateLimitBody, Rejector};
 use crate::store::Store;
+use crate::tier::LookupFuture;
 
 pin_project! {
     /// The future of a [`RateLimit`](crate::RateLimit) service's response.
@@ -33,6 +34,13 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<C, S, ReqBody, F, ResBody> {
+        // Waiting for the tier resolver.
+        Resolving {
+            #[pin]
+            lookup: LookupFuture,
+            pending: Option<(S, Request<ReqBody>, Key)>,
+            cost: u32,
+        },
         Checking {
             #[pin]
             check: C,
@@ -105,6 +113,25 @@ where
                 pending: Some((inner, req, key)),
                 cost,
                 tier,
+            },
+            shared,
+        }
+    }
+
+    /// The request's tier is being looked up; the store check follows.
+    pub(crate) fn resolving(
+        lookup: LookupFuture,
+        inner: S,
+        req: Request<ReqBody>,
+        key: Key,
+        cost: u32,
+        shared: Arc<Shared<St, K, R>>,
+    ) -> Self {
+        Self {
+            state: State::Resolving {
+                lookup,
+                pending: Some((inner, req, key)),
+                cost,
             },
             shared,
         }
@@ -224,6 +251,53 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
+                StateProj::Resolving {
+                    lookup,
+                    pending,
+                    cost,
+                } => {
+                    let resolved = ready!(lookup.poll(cx));
+                    let cost = *cost;
+                    let Some((inner, req, key)) = pending.take() else {
+                        this.state.set(State::Done);
+                        continue;
+                    };
+                    let shared = &**this.shared;
+                    let next = match resolved {
+                        Ok(tier) => {
+                            let policy = &shared.tier(tier).policy;
+                            match shared.store.check_ready(policy, &key, cost) {
+                                Some(result) => next_state(
+                                    shared,
+                                    result,
+                                    ReadyInner::Owned(inner),
+                                    req,
+                                    &key,
+                                    cost,
+                                    tier,
+                                ),
+                                None => State::Checking {
+                                    check: shared.store.check(policy, &key, cost),
+                                    pending: Some((inner, req, key)),
+                                    cost,
+                                    tier,
+                                },
+                            }
+                        }
+                        // A resolver that fails is a store failure: the fail mode decides, for
+                        // the default tier.
+                        Err(error) => next_state(
+                            shared,
+                            Err(error),
+                            ReadyInner::Owned(inner),
+                            req,
+                            &key,
+                            cost,
+                            0,
+                        ),
+                    };
+                    this.state.set(next);
+                }
                 StateProj::Checking {
                     check,
                     pending,

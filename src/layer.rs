@@ -18,7 +18,9 @@ use crate::quota::Quota;
 use crate::response::{DefaultRejection, RejectWith, Rejection, RejectionBody};
 use crate::service::RateLimit;
 use crate::store::{FailMode, Policy, Store};
-use crate::tier::{DEFAULT_MAX_ASSIGNMENTS, SelectFn, Tier, Tiering, Tiers};
+use crate::tier::{
+    DEFAULT_MAX_ASSIGNMENTS, ResolveFn, Resolver, SelectFn, Tier, TierCache, Tiering, Tiers,
+};
 
 /// A Tower layer that rate-limits requests by key, with one [`Policy`] and one [`Store`].
 ///
@@ -216,11 +218,25 @@ impl<St: Store, K: KeyExtractor, R> RateLimitLayer<St, K, R> {
 
     /// Forgets the runtime tier of the client called `identity`: the selector (or resolver,
     /// or default) decides its tier again. Returns how many assignments were removed.
+    /// Cached resolver answers for it are dropped too, so the resolver is asked again.
     pub fn clear_tier(&self, identity: &str) -> usize {
         match &self.shared.tiering {
-            Some(tiering) => tiering.unassign(&self.shared.key.keys_for_identity(identity)),
+            Some(tiering) => {
+                let keys = self.shared.key.keys_for_identity(identity);
+                tiering.forget_resolved(&keys);
+                tiering.unassign(&keys)
+            }
             None => 0,
         }
+    }
+
+    /// How many times the tier resolver was called (every other request was answered from its
+    /// cache, or did not need it).
+    pub fn tier_lookups(&self) -> u64 {
+        self.shared
+            .tiering
+            .as_ref()
+            .map_or(0, Tiering::resolver_calls)
     }
 
     /// The tier assigned at runtime to the client called `identity`, if any.
@@ -301,6 +317,7 @@ struct Settings {
     log_raw_keys: bool,
     tiers: Option<Tiers>,
     select_tier: Option<Arc<SelectFn>>,
+    resolve_tier: Option<(Arc<ResolveFn>, TierCache)>,
     max_tier_assignments: usize,
 }
 
@@ -335,6 +352,7 @@ impl Builder {
                 log_raw_keys: false,
                 tiers: None,
                 select_tier: None,
+                resolve_tier: None,
                 max_tier_assignments: DEFAULT_MAX_ASSIGNMENTS,
             },
             store: MemoryStore::new(),
@@ -598,6 +616,49 @@ impl<St, K, R> Builder<St, K, R> {
         self
     }
 
+    /// Looks a client's tier up asynchronously (a database, an auth service: API key -> plan)
+    /// when neither a runtime assignment nor the selector decides it. `resolve(key)` answers
+    /// the tier's name (`None`, or a name the layer does not have, means the default tier, the
+    /// latter with a warning). Answers are cached per key as `cache` says, so the hot path
+    /// asks the resolver only on a miss, and a miss is looked up once however many requests of
+    /// that key arrive meanwhile. A lookup that fails or times out is a store failure: the
+    /// layer's [`fail_mode`](Self::fail_mode) decides, for the default tier, and it is counted
+    /// and logged as one. Needs [`tiers`](Self::tiers).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tollgate::{RateLimitLayer, tier::TierCache};
+    /// use tollgate::key::Header;
+    ///
+    /// let layer = RateLimitLayer::builder("60/m".parse()?)
+    ///     .key(Header::new("x-api-key")?)
+    ///     .tiers("free=60/m,pro=600/m".parse()?)
+    ///     .resolve_tier(
+    ///         |key| async move {
+    ///             // e.g. SELECT plan FROM api_keys WHERE key = $1
+    ///             let plan = if key.as_bytes().starts_with(b"pro_") { "pro" } else { "free" };
+    ///             Ok::<_, std::io::Error>(Some(plan.to_owned()))
+    ///         },
+    ///         TierCache::default().ttl(Duration::from_secs(300)),
+    ///     )
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn resolve_tier<F, Fut, E>(mut self, resolve: F, cache: TierCache) -> Self
+    where
+        F: Fn(crate::Key) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Option<String>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let resolve: Arc<ResolveFn> = Arc::new(move |key| {
+            let fut = resolve(key);
+            Box::pin(async move { fut.await.map_err(Into::into) })
+        });
+        self.settings.resolve_tier = Some((resolve, cache));
+        self
+    }
+
     /// The most clients [`RateLimitLayer::set_tier`] may assign a tier to (default
     /// 1,000,000), so runtime assignments stay bounded.
     pub fn max_tier_assignments(mut self, max: usize) -> Self {
@@ -677,18 +738,31 @@ impl<St: Store, K: KeyExtractor, R> Builder<St, K, R> {
         }
         let (policies, named, tiering) = match &self.settings.tiers {
             Some(tiers) => {
+                let resolver = match &self.settings.resolve_tier {
+                    Some((resolve, cache)) => {
+                        cache.check()?;
+                        let names = tiers
+                            .policies()
+                            .iter()
+                            .map(|p| Arc::clone(p.name_arc()))
+                            .collect();
+                        Some(Resolver::new(Arc::clone(resolve), *cache, names))
+                    }
+                    None => None,
+                };
                 let tiering = Tiering::new(
                     tiers.id(),
                     self.settings.select_tier.clone(),
+                    resolver,
                     self.settings.max_tier_assignments,
                 );
                 (tiers.clone().into_policies(), true, Some(tiering))
             }
             None => {
-                if self.settings.select_tier.is_some() {
+                if self.settings.select_tier.is_some() || self.settings.resolve_tier.is_some() {
                     return Err(ConfigError::Invalid(
-                        "select_tier needs tiers to choose from: declare them with \
-                         Builder::tiers(\"free=60/m,pro=600/m\".parse()?)"
+                        "select_tier and resolve_tier need tiers to choose from: declare them \
+                         with Builder::tiers(\"free=60/m,pro=600/m\".parse()?)"
                             .into(),
                     ));
                 }

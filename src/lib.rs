@@ -80,7 +80,7 @@ pub use store::{BoxStore, FailMode, Policy, PolicyRegistry, Store};
 pub use store::{
     BreakerConfig, BreakerState, BreakerStats, CircuitBreaker, DenyCache, DenyCacheStats,
 };
-pub use tier::{Tier, Tiers};
+pub use tier::{Tier, TierCache, Tiers};
 
 /// The README's examples, compiled and run as doctests so they never go stale.
 #[cfg(doctest)]

@@ -13,6 +13,7 @@ use crate::future::ResponseFuture;
 use crate::key::KeyExtractor;
 use crate::response::{DefaultRejection, RateLimitBody, Rejector};
 use crate::store::Store;
+use crate::tier::Pick;
 
 /// A service rate-limited by a [`RateLimitLayer`](crate::RateLimitLayer).
 ///
@@ -101,9 +102,23 @@ where
             return ResponseFuture::unlimited(fut, Arc::clone(shared));
         };
         let cost = shared.cost.as_ref().map_or(1, |cost| cost(&parts));
-        let tier = match &shared.tiering {
+        let tier = match shared.tiering.as_ref().map(|t| t.pick(&parts, &key)) {
             None => 0,
-            Some(tiering) => tiering.pick(&parts, &key),
+            Some(Pick::Now(tier)) => tier,
+            Some(Pick::Lookup(lookup)) => {
+                // The tier is looked up first; the future owns the ready instance meanwhile.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                let req = Request::from_parts(parts, body);
+                return ResponseFuture::resolving(
+                    lookup,
+                    inner,
+                    req,
+                    key,
+                    cost,
+                    Arc::clone(shared),
+                );
+            }
         };
         let policy = &shared.tier(tier).policy;
         if let Some(result) = shared.store.check_ready(policy, &key, cost) {

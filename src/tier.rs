@@ -39,20 +39,231 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use http::request::Parts;
 
-use crate::error::ConfigError;
+use crate::error::{ConfigError, StoreError, StoreErrorKind};
 use crate::key::Key;
 use crate::quota::Quota;
 use crate::store::Policy;
 
 /// A selector: the request's tier from its parts and key, `None` for "no opinion".
 pub(crate) type SelectFn = dyn Fn(&Parts, &Key) -> Option<Tier> + Send + Sync;
+
+/// A tier resolver's answer, boxed: the name of the client's tier, or `None` for the default.
+pub type ResolveFuture = Pin<
+    Box<
+        dyn Future<Output = Result<Option<String>, Box<dyn std::error::Error + Send + Sync>>>
+            + Send,
+    >,
+>;
+
+/// A resolver, type-erased.
+pub(crate) type ResolveFn = dyn Fn(Key) -> ResolveFuture + Send + Sync;
+
+/// The future of a tier lookup the layer waits for: the tier's index, or a failure that the
+/// layer's fail mode handles.
+pub(crate) type LookupFuture = Pin<Box<dyn Future<Output = Result<usize, StoreError>> + Send>>;
+
+/// How an asynchronous tier resolver's answers are cached (see
+/// [`Builder::resolve_tier`](crate::Builder::resolve_tier)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct TierCache {
+    ttl: Duration,
+    max_entries: usize,
+    timeout: Duration,
+}
+
+impl Default for TierCache {
+    /// One minute per answer, at most 100,000 clients, 200 ms per lookup.
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(60),
+            max_entries: 100_000,
+            timeout: Duration::from_millis(200),
+        }
+    }
+}
+
+impl TierCache {
+    /// How long an answer is used before the resolver is asked again (default 1 min). A change
+    /// of plan reaches the layer within this; [`RateLimitLayer::set_tier`](crate::RateLimitLayer::set_tier)
+    /// applies one at once.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The most clients whose answers are kept (default 100,000); past it, expired answers
+    /// are dropped, then a sixteenth of the rest.
+    pub fn max_entries(mut self, max: usize) -> Self {
+        self.max_entries = max;
+        self
+    }
+
+    /// The longest one lookup may take (default 200 ms); past it the lookup fails and the
+    /// layer's fail mode decides, as for a store that does not answer.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        if self.ttl.is_zero() || self.timeout.is_zero() || self.max_entries == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "the tier cache needs a ttl and a timeout above zero and max_entries of at least \
+                 1, not {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An asynchronous tier resolver with its cache: hits are answered on the hot path; a miss is
+/// looked up once per key however many requests wait for it (single flight).
+pub(crate) struct Resolver {
+    resolve: Arc<ResolveFn>,
+    config: TierCache,
+    /// Tier names, in index order, to turn the resolver's answer into an index.
+    names: Box<[Arc<str>]>,
+    cache: DashMap<Key, (u8, Instant), ahash::RandomState>,
+    /// Lookups under way: every request for the key waits on the same cell.
+    inflight: DashMap<Key, Arc<tokio::sync::OnceCell<Result<u8, StoreError>>>, ahash::RandomState>,
+    /// How many times the resolver was called (for tests and stats).
+    calls: AtomicU64,
+    last_warning: AtomicU64,
+    started: Instant,
+}
+
+impl Resolver {
+    pub(crate) fn new(resolve: Arc<ResolveFn>, config: TierCache, names: Box<[Arc<str>]>) -> Self {
+        Self {
+            resolve,
+            config,
+            names,
+            cache: DashMap::with_hasher(ahash::RandomState::new()),
+            inflight: DashMap::with_hasher(ahash::RandomState::new()),
+            calls: AtomicU64::new(0),
+            last_warning: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// The cached tier of `key`, if it is still fresh.
+    #[inline]
+    fn cached(&self, key: &Key) -> Option<usize> {
+        let entry = self.cache.get(key)?;
+        let (tier, expires) = *entry;
+        (Instant::now() < expires).then_some(usize::from(tier))
+    }
+
+    /// Looks `key`'s tier up, once for every request that waits for it at the same time.
+    fn lookup(self: &Arc<Self>, key: &Key) -> LookupFuture {
+        let this = Arc::clone(self);
+        let key = key.clone();
+        Box::pin(async move {
+            let cell = Arc::clone(
+                this.inflight
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(tokio::sync::OnceCell::new()))
+                    .value(),
+            );
+            let result = cell.get_or_init(|| this.call(key.clone())).await.clone();
+            if let Ok(tier) = result {
+                this.remember(&key, tier);
+            }
+            // Only after the answer is cached, so a request arriving now finds it there.
+            this.inflight.remove_if(&key, |_, c| Arc::ptr_eq(c, &cell));
+            result.map(usize::from)
+        })
+    }
+
+    async fn call(&self, key: Key) -> Result<u8, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let answer = tokio::time::timeout(self.config.timeout, (self.resolve)(key)).await;
+        let name = match answer {
+            Err(_) => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Timeout,
+                    format!(
+                        "the tier resolver did not answer within {:?}",
+                        self.config.timeout
+                    ),
+                ));
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Other,
+                    format!("the tier resolver failed: {e}"),
+                ));
+            }
+            Ok(Ok(name)) => name,
+        };
+        let Some(name) = name else { return Ok(0) };
+        match self.names.iter().position(|n| **n == *name) {
+            // At most MAX_TIERS (32) tiers.
+            Some(index) => Ok(index as u8),
+            None => {
+                self.warn_unknown(&name);
+                Ok(0)
+            }
+        }
+    }
+
+    fn remember(&self, key: &Key, tier: u8) {
+        let now = Instant::now();
+        if self.cache.len() >= self.config.max_entries {
+            self.cache.retain(|_, (_, expires)| *expires > now);
+            if self.cache.len() >= self.config.max_entries {
+                let mut n = 0usize;
+                self.cache.retain(|_, _| {
+                    n += 1;
+                    !n.is_multiple_of(16)
+                });
+            }
+        }
+        self.cache
+            .insert(key.clone(), (tier, now + self.config.ttl));
+    }
+
+    fn warn_unknown(&self, name: &str) {
+        let now = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1_000_000)
+            && self
+                .last_warning
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                target: "tollgate::tier",
+                tier = %name.escape_default(),
+                known = ?self.names,
+                "the tier resolver named a tier the layer does not have; the default tier applies"
+            );
+        }
+    }
+
+    /// Forgets every cached answer for `keys`.
+    pub(crate) fn forget(&self, keys: &[Key]) {
+        for key in keys {
+            self.cache.remove(key);
+        }
+    }
+}
+
+/// How a request's tier is known: now, or after a lookup.
+pub(crate) enum Pick {
+    Now(usize),
+    Lookup(LookupFuture),
+}
 
 /// The default bound on runtime tier assignments per layer.
 pub const DEFAULT_MAX_ASSIGNMENTS: usize = 1_000_000;
@@ -214,6 +425,7 @@ pub(crate) struct Tiering {
     /// The [`Tiers`] set the layer was built from: handles of other sets are not ours.
     set: u32,
     select: Option<Arc<SelectFn>>,
+    resolver: Option<Arc<Resolver>>,
     /// Tiers assigned at runtime, by the client's store key.
     assigned: DashMap<Key, u8, ahash::RandomState>,
     /// Skips the assignment map entirely while nothing was ever assigned.
@@ -225,10 +437,16 @@ pub(crate) struct Tiering {
 }
 
 impl Tiering {
-    pub(crate) fn new(set: u32, select: Option<Arc<SelectFn>>, max_assigned: usize) -> Self {
+    pub(crate) fn new(
+        set: u32,
+        select: Option<Arc<SelectFn>>,
+        resolver: Option<Resolver>,
+        max_assigned: usize,
+    ) -> Self {
         Self {
             set,
             select,
+            resolver: resolver.map(Arc::new),
             assigned: DashMap::with_hasher(ahash::RandomState::new()),
             any_assigned: AtomicBool::new(false),
             max_assigned,
@@ -237,19 +455,44 @@ impl Tiering {
         }
     }
 
-    /// The request's tier index: a runtime assignment, else the selector's choice, else the
-    /// default (0). A handle from another set gets the default and a warning (at most one a
-    /// second).
+    /// The request's tier: a runtime assignment, else the selector's choice, else the
+    /// resolver's (cached, or looked up), else the default (0).
     #[inline]
-    pub(crate) fn pick(&self, parts: &Parts, key: &Key) -> usize {
+    pub(crate) fn pick(&self, parts: &Parts, key: &Key) -> Pick {
         if self.any_assigned.load(Ordering::Acquire)
             && let Some(tier) = self.assigned.get(key)
         {
-            return usize::from(*tier);
+            return Pick::Now(usize::from(*tier));
         }
-        let Some(tier) = self.select.as_ref().and_then(|select| select(parts, key)) else {
-            return 0;
-        };
+        if let Some(tier) = self.select.as_ref().and_then(|select| select(parts, key)) {
+            return Pick::Now(self.checked(tier));
+        }
+        match &self.resolver {
+            None => Pick::Now(0),
+            Some(resolver) => match resolver.cached(key) {
+                Some(tier) => Pick::Now(tier),
+                None => Pick::Lookup(resolver.lookup(key)),
+            },
+        }
+    }
+
+    /// How many times the resolver was called.
+    pub(crate) fn resolver_calls(&self) -> u64 {
+        self.resolver
+            .as_ref()
+            .map_or(0, |r| r.calls.load(Ordering::Relaxed))
+    }
+
+    /// Forgets the resolver's cached answers for `keys`.
+    pub(crate) fn forget_resolved(&self, keys: &[Key]) {
+        if let Some(resolver) = &self.resolver {
+            resolver.forget(keys);
+        }
+    }
+
+    /// The index of a selector's `tier`: the default for a handle of another set, with a
+    /// warning (at most one a second).
+    fn checked(&self, tier: Tier) -> usize {
         if tier.set == self.set {
             return tier.index();
         }

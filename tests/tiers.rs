@@ -206,3 +206,123 @@ async fn a_foreign_tier_handle_falls_back_to_the_default_tier() {
     assert_eq!((status, policy.as_str()), (200, "\"free\";q=1;w=3600"));
     assert_eq!(hit(&c, addr, "k").await.0, 429);
 }
+
+/// 100 concurrent first requests of one key: the asynchronous resolver is called once, and every
+/// request is decided under the tier it answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resolver_is_called_once_for_a_burst_of_first_requests() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&calls);
+    let layer = RateLimitLayer::builder("1/s".parse().unwrap())
+        .key(Header::new("x-api-key").unwrap())
+        .tiers("free=1/h,pro=1000/h".parse().unwrap())
+        .resolve_tier(
+            move |key| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let pro = key.as_bytes().starts_with(b"pro");
+                    Ok::<_, std::io::Error>(pro.then(|| "pro".to_owned()))
+                }
+            },
+            tollgate::TierCache::default(),
+        )
+        .build()
+        .unwrap();
+    let addr = serve(app(layer.clone())).await;
+    let c = client();
+    let burst: Vec<_> = (0..100)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { hit(&c, addr, "pro-key").await })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in burst {
+        let (status, _, policy) = task.await.unwrap();
+        assert_eq!(policy, "\"pro\";q=1000;w=3600");
+        ok += usize::from(status == 200);
+    }
+    assert_eq!(ok, 100);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one lookup for the whole burst"
+    );
+    assert_eq!(layer.tier_lookups(), 1);
+    // Cached from now on; another key is looked up once too, and gets the default tier.
+    for _ in 0..3 {
+        assert_eq!(hit(&c, addr, "pro-key").await.0, 200);
+    }
+    assert_eq!(hit(&c, addr, "someone").await.2, "\"free\";q=1;w=3600");
+    assert_eq!(hit(&c, addr, "someone").await.0, 429);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // A runtime assignment beats the resolver; clearing it asks the resolver again.
+    layer.set_tier("someone", "pro").unwrap();
+    assert_eq!(hit(&c, addr, "someone").await.0, 200);
+    layer.clear_tier("someone");
+    assert_eq!(hit(&c, addr, "someone").await.0, 429);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+/// A resolver that fails or times out is a store failure: the fail mode decides, visibly.
+#[tokio::test]
+async fn a_failing_resolver_follows_the_fail_mode() {
+    use tollgate::{FailMode, TierCache};
+    let build = |mode: FailMode, slow: bool| {
+        RateLimitLayer::builder("1/s".parse().unwrap())
+            .key(Header::new("x-api-key").unwrap())
+            .tiers("free=1/h,pro=1000/h".parse().unwrap())
+            .fail_mode(mode)
+            .degraded_header(true)
+            .resolve_tier(
+                move |_key| async move {
+                    if slow {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                    Err::<Option<String>, _>(std::io::Error::other("plan database down"))
+                },
+                TierCache::default().timeout(Duration::from_millis(50)),
+            )
+            .build()
+            .unwrap()
+    };
+    let c = client();
+    for slow in [false, true] {
+        let closed = build(FailMode::Closed, slow);
+        let addr = serve(app(closed.clone())).await;
+        let res = c
+            .get(format!("http://{addr}/"))
+            .header("x-api-key", "k")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 503, "slow={slow}");
+        assert_eq!(res.headers()["x-ratelimit-degraded"], "fail-closed");
+        assert_eq!(closed.stats().store_errors, 1);
+        let open = build(FailMode::Open, slow);
+        let addr = serve(app(open.clone())).await;
+        for _ in 0..2 {
+            let res = c
+                .get(format!("http://{addr}/"))
+                .header("x-api-key", "k")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200, "slow={slow}");
+            assert_eq!(res.headers()["x-ratelimit-degraded"], "fail-open");
+        }
+        // Failures are not cached: each request asked again.
+        assert_eq!(open.stats().store_errors, 2);
+        assert_eq!(open.tier_lookups(), 2);
+    }
+    // A fallback limiter decides under the default tier's divided quota.
+    let fallback = build(FailMode::Fallback { divisor: 1 }, false);
+    let addr = serve(app(fallback.clone())).await;
+    let (first, _, policy) = hit(&c, addr, "k").await;
+    assert_eq!((first, policy.as_str()), (200, "\"free\";q=1;w=3600"));
+    assert_eq!(hit(&c, addr, "k").await.0, 429);
+}
