@@ -45,7 +45,7 @@ pub mod clock;
 pub mod decision;
 pub mod error;
 mod future;
-mod gcra;
+pub mod gcra;
 pub mod headers;
 pub mod key;
 mod layer;
