@@ -6,6 +6,8 @@
 //! many app servers sharing one limit. Implement the trait to plug in your own.
 
 pub mod breaker;
+#[cfg(feature = "test-util")]
+pub mod conformance;
 pub mod deny_cache;
 mod frozen;
 mod keyspace;

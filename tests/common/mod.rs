@@ -4,4 +4,3 @@
 pub mod demo;
 pub mod http;
 pub mod redis;
-pub mod vectors;
