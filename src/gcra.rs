@@ -1,31 +1,108 @@
-//! The generic cell rate algorithm, as pure integer maths (DESIGN §3). No I/O, no clock.
+//! The generic cell rate algorithm as pure integer maths: what a store runs to turn
+//! its stored state into a [`Decision`]. No I/O, no clock, no allocation for one quota.
 //!
-//! State per key is one number, the theoretical arrival time (TAT), in microseconds on the
-//! store's clock. `0` stands for "no state", which behaves exactly like a TAT in the past.
-//! All arithmetic saturates, so a clock that steps backwards or a corrupted TAT can never wrap
-//! or admit more than the quota allows. The Redis script in `lua/` mirrors this function line
-//! by line; the shared test table checks that both agree.
+//! Every store that ships with tollgate decides through these functions, and a store of your
+//! own should too: [`Decision`] has no public constructor, so [`step`] (one quota) and
+//! [`step_all`] (every quota of a [`Policy`](crate::Policy)) are how a [`Store`](crate::Store)
+//! builds the decisions it returns, with exactly the numbers the built-in stores report.
+//!
+//! # The state
+//! One `u64` per (policy, client key, quota): the *theoretical arrival time* (TAT), in
+//! microseconds on the store's clock. `0` means "no state" and behaves exactly like a TAT in the
+//! past, so a store answers an unknown key by passing `0`. `now` is read from the same clock
+//! (any epoch, as long as it never reads 0 in practice and all app servers sharing the state
+//! read the same clock: a Redis-backed store uses the Redis server's `TIME`, never the app
+//! server's). All arithmetic saturates, so a clock that steps backwards or a corrupted TAT can
+//! never wrap or admit more than the quota allows.
+//!
+//! # When to write
+//! A [`Step`] carries `write: Some(tat)` exactly when the request was admitted and charged
+//! (cost > 0): store that TAT in place of the one you passed in. A denial, an impossible
+//! request and a peek (cost 0) write nothing (`None`). Read, decide and write must be atomic per
+//! key: under a lock, a compare-and-swap of the TAT you decided on (retrying on conflict), or a
+//! server-side script. [`step_all`] is all-or-nothing over a policy's quotas: `writes` holds
+//! every quota's new TAT, or is `None` and nothing may be written.
+//!
+//! # When state may expire
+//! A written state is worth keeping for `reset_after` (the decision's
+//! [`reset_after`](Decision::reset_after), which is `tat - now` for the TAT just written; for a
+//! policy of several quotas each quota's own, in
+//! [`Decision::per_quota`]); after that it is indistinguishable from no state. A store with
+//! key expiry sets the TTL to [`ceil_ms`]`(reset_after)`: rounded up to a whole millisecond,
+//! never 0, never rounded down (a state forgotten early would admit extra requests).
+//!
+//! # Example: a tiny store
+//! ```
+//! use std::collections::HashMap;
+//! use std::time::Duration;
+//! use tollgate::{Outcome, Quota, gcra};
+//!
+//! let quota: Quota = "5/s".parse()?; // T = 200 ms, capacity 5
+//! let mut tats: HashMap<&str, u64> = HashMap::new(); // client -> TAT (µs)
+//! let mut ttls: HashMap<&str, u64> = HashMap::new(); // client -> TTL (ms), for a store that expires keys
+//!
+//! let now = 1_000_000; // µs on the store's clock
+//! let mut check = |client, now, cost| {
+//!     // In a real store, these three lines are atomic per key.
+//!     let step = gcra::step(tats.get(client).copied().unwrap_or(0), now, &quota, cost);
+//!     if let Some(tat) = step.write {
+//!         tats.insert(client, tat);
+//!         ttls.insert(client, gcra::ceil_ms(step.decision.reset_after()));
+//!     }
+//!     step.decision
+//! };
+//!
+//! for left in (0..5).rev() {
+//!     assert_eq!(check("alice", now, 1).remaining(), left);
+//! }
+//! let denied = check("alice", now, 1);
+//! assert_eq!(denied.outcome(), Outcome::Denied);
+//! assert_eq!(denied.retry_after(), Some(Duration::from_millis(200)));
+//! assert_eq!(check("alice", now, 0).remaining(), 0); // a peek: never denied, never charged
+//! assert_eq!(check("alice", now + 200_000, 1).remaining(), 0); // one more after T
+//! assert_eq!(check("bob", now, 6).outcome(), Outcome::Impossible); // cost above capacity
+//! assert_eq!(ttls["alice"], 1_000); // the state expires when it is fresh again
+//! # Ok::<(), tollgate::QuotaError>(())
+//! ```
+//!
+//! For a whole policy, pass every quota's TAT to [`step_all`] and write back every TAT of
+//! [`MultiStep::writes`], or none; `tests/custom_store.rs` is a complete [`Store`](crate::Store)
+//! built this way, which passes the conformance kit (`tollgate::store::conformance`, feature
+//! `test-util`).
+//!
+//! The Redis script in `lua/` mirrors these functions line by line; the conformance kit checks
+//! that every store agrees with them.
+
+use std::time::Duration;
 
 use crate::decision::{Decision, Outcome};
 use crate::quota::Quota;
 
-/// What one GCRA step decided, and the TAT to store (only when something was charged).
+/// What one GCRA step decided, and the TAT to store.
+///
+/// Fields may be added in later versions (the struct is `#[non_exhaustive]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Step {
-    pub(crate) decision: Decision,
-    /// `Some(new_tat)` when the store must write; `None` on denial and peeks.
-    pub(crate) write: Option<u64>,
+#[non_exhaustive]
+pub struct Step {
+    /// The decision to return for this request.
+    pub decision: Decision,
+    /// `Some(new_tat)` when the store must replace the stored TAT with `new_tat` (the request
+    /// was admitted with a cost above 0); `None` on denials, impossible requests and peeks,
+    /// which must write nothing.
+    pub write: Option<u64>,
 }
 
-/// One GCRA decision for `cost` units at `now`, against the stored TAT (`0` = none).
+/// One GCRA decision for `cost` units at `now` (µs on the store's clock), against the stored
+/// TAT `stored_tat` (`0` = no state), under `quota`. A cost of 0 is a peek (never denied, never
+/// writes); a cost above the quota's capacity is [`Outcome::Impossible`].
 #[inline]
-pub(crate) fn step(stored: u64, now: u64, quota: &Quota, cost: u32) -> Step {
+pub fn step(stored_tat: u64, now: u64, quota: &Quota, cost: u32) -> Step {
     let t = quota.interval_micros();
     let b = u64::from(quota.capacity());
     // Both at most 100 years in µs (Quota validates), so these products cannot overflow.
     let tolerance = t * b;
     let n = u64::from(cost);
-    let tat = stored.max(now);
+    let tat = stored_tat.max(now);
     let used = tat - now;
     if n > b {
         return Step {
@@ -49,13 +126,31 @@ pub(crate) fn step(stored: u64, now: u64, quota: &Quota, cost: u32) -> Step {
     }
 }
 
-/// One atomic decision over every quota of a policy: admitted only if each quota admits it;
-/// then every TAT is written (`writes`), otherwise none. `stored` holds one TAT per quota.
-pub(crate) fn step_all(stored: &[u64], now: u64, quotas: &[Quota], cost: u32) -> MultiStep {
+/// One atomic decision over every quota of a policy (in the policy's order,
+/// [`Policy::quotas`](crate::Policy::quotas)): admitted only if each quota admits it; then every
+/// quota is charged ([`MultiStep::writes`]), otherwise none is.
+///
+/// `stored` holds one TAT per quota, in the same order (`0` = no state; a missing entry counts
+/// as `0`, extra entries are ignored). The decision speaks for the most restrictive quota (an
+/// impossible one, else the longest wait, else the fewest remaining) and carries every quota's
+/// own in [`Decision::per_quota`]; when the request is denied, quotas that would have admitted
+/// it report their state unchanged. For a single quota it is exactly [`step`]'s decision.
+///
+/// # Panics
+/// If `quotas` is empty (a [`Policy`](crate::Policy) never is).
+pub fn step_all(stored: &[u64], now: u64, quotas: &[Quota], cost: u32) -> MultiStep {
+    let tat_of = |i: usize| stored.get(i).copied().unwrap_or(0);
+    if let [quota] = quotas {
+        let Step { decision, write } = step(tat_of(0), now, quota, cost);
+        return MultiStep {
+            decision,
+            writes: write.map(|tat| vec![tat]),
+        };
+    }
     let steps: Vec<Step> = quotas
         .iter()
-        .zip(stored)
-        .map(|(q, &tat)| step(tat, now, q, cost))
+        .enumerate()
+        .map(|(i, q)| step(tat_of(i), now, q, cost))
         .collect();
     let admitted = steps.iter().all(|s| s.decision.is_allowed());
     let per_quota: Vec<Decision> = if admitted {
@@ -64,10 +159,11 @@ pub(crate) fn step_all(stored: &[u64], now: u64, quotas: &[Quota], cost: u32) ->
         // Nothing is charged: quotas that would have admitted report their state unchanged.
         steps
             .iter()
-            .zip(quotas.iter().zip(stored))
-            .map(|(s, (q, &tat))| {
+            .zip(quotas)
+            .enumerate()
+            .map(|(i, (s, q))| {
                 if s.decision.is_allowed() {
-                    step(tat, now, q, 0).decision
+                    step(tat_of(i), now, q, 0).decision
                 } else {
                     s.decision.clone()
                 }
@@ -78,14 +174,30 @@ pub(crate) fn step_all(stored: &[u64], now: u64, quotas: &[Quota], cost: u32) ->
     let writes = (admitted && cost > 0).then(|| {
         steps
             .iter()
-            .zip(stored)
-            .map(|(s, &tat)| s.write.unwrap_or(tat))
+            .enumerate()
+            .map(|(i, s)| s.write.unwrap_or(tat_of(i)))
             .collect()
     });
     MultiStep {
         decision: Decision::combined(primary, per_quota),
         writes,
     }
+}
+
+/// `d` in whole milliseconds, rounded up: the TTL of a state written with
+/// [`reset_after`](Decision::reset_after) `d`. At least 1, saturating at `u64::MAX`.
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::gcra::ceil_ms;
+///
+/// assert_eq!(ceil_ms(Duration::from_micros(1)), 1);
+/// assert_eq!(ceil_ms(Duration::from_micros(3_900_000)), 3_900);
+/// assert_eq!(ceil_ms(Duration::from_micros(3_900_001)), 3_901);
+/// ```
+pub fn ceil_ms(d: Duration) -> u64 {
+    let ms = d.as_micros().div_ceil(1_000).max(1);
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 /// The decision that speaks for a policy: an impossible one first, else the longest wait among
@@ -108,12 +220,17 @@ pub(crate) fn most_restrictive(decisions: &[Decision]) -> &Decision {
         .unwrap_or(&decisions[0])
 }
 
-/// The result of [`step_all`].
-#[derive(Debug, Clone)]
-pub(crate) struct MultiStep {
-    pub(crate) decision: Decision,
-    /// `Some(new_tats)` (one per quota) when the store must write.
-    pub(crate) writes: Option<Vec<u64>>,
+/// What [`step_all`] decided over a policy's quotas, and the TATs to store.
+///
+/// Fields may be added in later versions (the struct is `#[non_exhaustive]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MultiStep {
+    /// The decision to return for this request (every quota's in [`Decision::per_quota`]).
+    pub decision: Decision,
+    /// `Some(new_tats)`, one per quota in the policy's order, when the store must replace every
+    /// stored TAT with these (all of them, atomically); `None` when nothing may be written.
+    pub writes: Option<Vec<u64>>,
 }
 
 #[cfg(test)]
@@ -209,6 +326,36 @@ mod tests {
             let backward = step(tat, earlier, &q, 1).decision.is_allowed();
             prop_assert!(!backward || forward, "an earlier clock admitted what now denies");
         }
+    }
+
+    #[test]
+    fn step_all_of_one_quota_is_step() {
+        let q = quota(5, 5_000, 5);
+        for (stored, now, cost) in [(0, 10, 1), (5_000_000, 0, 1), (0, 0, 6), (4_000_000, 0, 0)] {
+            let one = step(stored, now, &q, cost);
+            let all = step_all(&[stored], now, &[q], cost);
+            assert_eq!(all.decision, one.decision);
+            assert_eq!(all.writes, one.write.map(|w| vec![w]));
+        }
+    }
+
+    #[test]
+    fn step_all_counts_missing_tats_as_fresh() {
+        let qs = [quota(2, 1_000, 2), quota(5, 3_600_000, 5)];
+        let short = step_all(&[], 7, &qs, 1);
+        assert_eq!(short, step_all(&[0, 0], 7, &qs, 1));
+        assert_eq!(short.writes.map(|w| w.len()), Some(2));
+        let long = step_all(&[0, 0, 99], 7, &qs, 1);
+        assert_eq!(long, step_all(&[0, 0], 7, &qs, 1));
+    }
+
+    #[test]
+    fn ceil_ms_rounds_up_and_is_never_zero() {
+        assert_eq!(ceil_ms(Duration::ZERO), 1);
+        assert_eq!(ceil_ms(Duration::from_micros(999)), 1);
+        assert_eq!(ceil_ms(Duration::from_micros(1_000)), 1);
+        assert_eq!(ceil_ms(Duration::from_micros(1_001)), 2);
+        assert_eq!(ceil_ms(Duration::MAX), u64::MAX);
     }
 
     #[test]

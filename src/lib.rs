@@ -50,7 +50,7 @@ mod decide;
 pub mod decision;
 pub mod error;
 mod future;
-mod gcra;
+pub mod gcra;
 pub mod headers;
 pub mod key;
 mod layer;

@@ -6,9 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::redis::RedisCluster;
-use common::vectors::{Target, run_all};
 use tollgate::store::redis::RedisStore;
-use tollgate::{Decision, Key, Policy, Quota, Store};
+use tollgate::{Key, Policy, Quota, Store};
 
 async fn store(cluster: &RedisCluster) -> RedisStore {
     RedisStore::cluster_builder(cluster.urls())
@@ -23,41 +22,25 @@ fn policy(name: &str, quota: &str) -> Policy {
     Policy::new(name, quota.parse::<Quota>().unwrap()).unwrap()
 }
 
-struct Injected {
-    store: RedisStore,
-    base_us: u64,
-    last_key: Option<Key>,
-}
-
-impl Target for Injected {
-    async fn check(&mut self, policy: &Policy, key: &Key, t_ms: u64, cost: u32) -> Decision {
-        if self.last_key.as_ref() != Some(key) {
-            self.base_us += 1_000_000_000;
-            self.last_key = Some(key.clone());
-        }
-        self.store
-            .check_at(policy, key, cost, self.base_us + t_ms * 1_000)
-            .await
-            .expect("cluster decides")
-    }
-}
-
-/// One cluster for all checks (starting one costs a few seconds): vectors, atomicity, hostile
-/// identities spread over the primaries without CROSSSLOT, and SCRIPT FLUSH on every node.
+/// One cluster for all checks (starting one costs a few seconds): the conformance kit,
+/// atomicity from two stores, hostile identities spread over the primaries without CROSSSLOT,
+/// and SCRIPT FLUSH on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_vectors_atomicity_hostile_keys_and_script_flush() {
     let cluster = RedisCluster::start();
     let s = store(&cluster).await;
 
-    // DESIGN §3 vectors, the same table as the MemoryStore's; each vector's key lands on
-    // whichever primary owns its slot.
-    let mut target = Injected {
-        store: s.clone(),
-        base_us: 1_790_000_000_000_000,
-        last_key: None,
-    };
-    for run in ["c1", "c2", "c3", "c4"] {
-        run_all(&mut target, run).await;
+    // The conformance kit (DESIGN §3 vectors, peek, atomicity, reset), twice: every vector's
+    // key lands on whichever primary owns its slot.
+    #[cfg(feature = "test-util")]
+    {
+        use tollgate::store::conformance::{self, RedisHarness};
+        let mut harness = RedisHarness::new(s.clone());
+        for run in 1..=2 {
+            if let Err(failure) = conformance::run_all(&mut harness).await {
+                panic!("run {run}: {failure}");
+            }
+        }
     }
 
     // Atomicity: 200 concurrent requests on one key from two cluster stores.

@@ -8,23 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::vectors::{Target, run_multi};
 use tollgate::store::redis::RedisStore;
 use tollgate::{Decision, Key, Policy, Quota, Store};
-
-struct Injected {
-    store: RedisStore,
-    base_us: u64,
-}
-
-impl Target for Injected {
-    async fn check(&mut self, policy: &Policy, key: &Key, t_ms: u64, cost: u32) -> Decision {
-        self.store
-            .check_at(policy, key, cost, self.base_us + t_ms * 1_000)
-            .await
-            .expect("redis decides")
-    }
-}
 
 async fn store(url: &str) -> RedisStore {
     RedisStore::builder(url)
@@ -38,14 +23,20 @@ fn multi(quotas: &[&str]) -> Policy {
     Policy::multi("multi", quotas.iter().map(|q| q.parse::<Quota>().unwrap())).unwrap()
 }
 
+/// M1 from the conformance kit, at injected instants: the same table as the MemoryStore's.
+#[cfg(feature = "test-util")]
+async fn reproduces_m1(store: RedisStore) {
+    use tollgate::store::conformance::{self, RedisHarness};
+    if let Err(failure) = conformance::multi_quota_vector(&mut RedisHarness::new(store)).await {
+        panic!("{failure}");
+    }
+}
+
+#[cfg(feature = "test-util")]
 #[tokio::test]
 async fn multi_quota_vector_matches_the_memory_store() {
     let server = RedisServer::start();
-    let mut target = Injected {
-        store: store(&server.url()).await,
-        base_us: 1_790_000_000_000_000,
-    };
-    run_multi(&mut target, "redis").await;
+    reproduces_m1(store(&server.url()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,11 +102,8 @@ async fn multi_quota_works_on_a_cluster() {
         .build()
         .await
         .expect("cluster store");
-    let mut target = Injected {
-        store: store.clone(),
-        base_us: 1_790_000_000_000_000,
-    };
-    run_multi(&mut target, "cluster").await;
+    #[cfg(feature = "test-util")]
+    reproduces_m1(store.clone()).await;
     // Hostile identities still land each policy's keys in one slot: no CROSSSLOT.
     let policy = multi(&["2/s", "5/h", "100/d"]);
     for raw in [&b"{"[..], b"}", b"{}", b"a\r\nb", b"\0", &[b'x'; 65_536]] {

@@ -1,5 +1,6 @@
 //! RedisStore against real redis-server processes (one per test, on a free loopback port):
-//! the shared GCRA vectors, the real clock, TTLs, atomicity, faults and hostile identities.
+//! the conformance kit (the shared GCRA vectors), the real clock, TTLs, atomicity, faults and
+//! hostile identities.
 #![cfg(feature = "redis")]
 
 mod common;
@@ -8,9 +9,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::vectors::{Target, run_all};
 use tollgate::store::redis::{MAX_KEY_LEN, RedisStore};
-use tollgate::{Decision, Key, Outcome, Policy, Quota, Store, StoreErrorKind};
+use tollgate::{Key, Outcome, Policy, Quota, Store, StoreErrorKind};
 
 /// Slack on top of the command timeout for a noisy 2-core machine running debug builds.
 const SLACK: Duration = Duration::from_millis(60);
@@ -35,40 +35,29 @@ fn policy(name: &str, quota: &str) -> Policy {
     Policy::new(name, quota.parse::<Quota>().unwrap()).unwrap()
 }
 
-/// Replays the vectors with an injected `now` (test-only script argument).
-struct Injected {
-    store: RedisStore,
-    base_us: u64,
-    last_key: Option<Key>,
-}
-
-impl Target for Injected {
-    async fn check(&mut self, policy: &Policy, key: &Key, t_ms: u64, cost: u32) -> Decision {
-        if self.last_key.as_ref() != Some(key) {
-            self.base_us += 1_000_000_000;
-            self.last_key = Some(key.clone());
+/// The whole conformance kit (DESIGN §3 vectors V1-V4 and M1 at injected instants, peek,
+/// atomicity and reset on the Redis clock), twice on one server.
+#[cfg(feature = "test-util")]
+async fn passes_the_kit(store: RedisStore) {
+    use tollgate::store::conformance::{self, RedisHarness};
+    let mut harness = RedisHarness::new(store);
+    for run in 1..=2 {
+        if let Err(failure) = conformance::run_all(&mut harness).await {
+            panic!("run {run}: {failure}");
         }
-        self.store
-            .check_at(policy, key, cost, self.base_us + t_ms * 1_000)
-            .await
-            .expect("redis decides")
     }
 }
 
-#[tokio::test]
-async fn shared_vectors_v1_to_v4() {
+#[cfg(feature = "test-util")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_kit() {
     let server = RedisServer::start();
-    let mut target = Injected {
-        store: store(&server).await,
-        // A realistic epoch-microseconds value, so the Lua doubles are as large as in production.
-        base_us: 1_790_000_000_000_000,
-        last_key: None,
-    };
-    run_all(&mut target, "redis").await;
+    passes_the_kit(store(&server).await).await;
 }
 
-#[tokio::test]
-async fn shared_vectors_through_a_deadpool_pool() {
+#[cfg(feature = "test-util")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_kit_through_a_deadpool_pool() {
     let server = RedisServer::start();
     let pool = deadpool_redis::Config::from_url(server.url())
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))
@@ -78,12 +67,7 @@ async fn shared_vectors_through_a_deadpool_pool() {
         .build()
         .await
         .unwrap();
-    let mut target = Injected {
-        store,
-        base_us: 1_790_000_000_000_000,
-        last_key: None,
-    };
-    run_all(&mut target, "pool").await;
+    passes_the_kit(store).await;
 }
 
 /// The same decisions as the in-memory GCRA at the edge of the representable range (a

@@ -7,6 +7,8 @@
 
 mod boxed;
 pub mod breaker;
+#[cfg(feature = "test-util")]
+pub mod conformance;
 pub mod deny_cache;
 mod frozen;
 mod keyspace;

@@ -5,4 +5,3 @@ pub mod demo;
 pub mod http;
 pub mod logs;
 pub mod redis;
-pub mod vectors;
