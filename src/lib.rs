@@ -32,6 +32,9 @@
 //! |---|---|---|
 //! | `axum` | yes | reads the peer address from axum's `ConnectInfo<SocketAddr>` |
 //! | `serde` | no | `Deserialize`/`Serialize` for [`Quota`] (`"60/m"` or `{ rate, capacity }`), `Serialize` for [`Stats`] |
+//! | `redis` | no | `RedisStore`: one limit shared by many app servers |
+//! | `redis-cluster` | no | `RedisStore` on Redis Cluster |
+//! | `test-util` | no | `store::conformance`: the checks every [`Store`] passes, for stores of your own |
 //!
 //! ## Semantics
 //! A quota of `limit` per `period` with `capacity` B has emission interval `T = period / limit`.

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use tollgate::gcra;
 use tollgate::store::conformance::{self, ManualClockHarness};
 use tollgate::{
-    CircuitBreaker, Clock, Decision, DenyCache, Key, ManualClock, MemoryStore, Policy, Store,
-    StoreError,
+    BoxStore, CircuitBreaker, Clock, Decision, DenyCache, Key, ManualClock, MemoryStore, Policy,
+    Store, StoreError,
 };
 
 fn memory(clock: &ManualClock) -> MemoryStore<ManualClock> {
@@ -46,6 +46,13 @@ async fn circuit_breaker_over_a_memory_store_passes_the_kit() {
     let clock = ManualClock::new();
     let store = CircuitBreaker::new(memory(&clock)).clock(clock.clone());
     passes_twice(store, clock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boxed_store_passes_the_kit() {
+    let clock = ManualClock::new();
+    let inner = DenyCache::new(CircuitBreaker::new(memory(&clock)).clock(clock.clone()));
+    passes_twice(BoxStore::new(inner.clock(clock.clone())), clock).await;
 }
 
 #[tokio::test]

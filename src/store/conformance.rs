@@ -491,7 +491,7 @@ const M1: [MultiRow; 9] = [
 ];
 
 /// Runs every case: [`gcra_vectors`], [`multi_quota_vector`], [`peek`], [`atomicity`],
-/// [`reset`], in that order.
+/// [`reset`], [`tiers`], in that order.
 ///
 /// # Errors
 /// The first [`Failure`]: the first answer that differs from the GCRA, or a store error.
@@ -500,7 +500,8 @@ pub async fn run_all<H: Harness>(h: &mut H) -> Result<(), Failure> {
     multi_quota_vector(h).await?;
     peek(h).await?;
     atomicity(h).await?;
-    reset(h).await
+    reset(h).await?;
+    tiers(h).await
 }
 
 /// The GCRA test vectors V1-V4 through [`Harness::check_at`], each on a fresh key at instants
@@ -835,6 +836,81 @@ pub async fn reset<H: Harness>(h: &mut H) -> Result<(), Failure> {
     for (p, k, call, outcome, remaining) in last {
         let at = step(&format!("{} {call:?} after the second reset", p.name()));
         expect(store, at, (p, k), call, outcome, remaining).await?;
+    }
+    Ok(())
+}
+
+/// Tiers: one client under the tiers of one layer (policies `free` 2/2h and `pro` of two quotas,
+/// 5/5h and 3/3h), as a layer moves it between them. Each tier keeps its own state: an upgrade is
+/// decided by the new tier alone (a store that remembers denials must not deny it from the old
+/// tier's entry), a downgrade finds the old tier's state as it was and admits no more than that
+/// tier allows, and a reset of one tier leaves the other.
+///
+/// # Errors
+/// A [`Failure`] of case `tiers`.
+pub async fn tiers<H: Harness>(h: &mut H) -> Result<(), Failure> {
+    use Call::{Check, Peek};
+    let store = h.store();
+    let free = policy("conformance-tier-free", &["2/2h"]);
+    let pro = policy("conformance-tier-pro", &["5/5h", "3/3h"]);
+    let k = fresh_key("tiers");
+    let mut row = 0;
+    let steps: [(&Policy, Call, Outcome, &[u32], &str); 11] = [
+        (&free, Check(1), A, &[1], "free"),
+        (&free, Check(1), A, &[0], "free, exhausted"),
+        (&free, Check(1), D, &[0], "free, denied"),
+        (
+            &free,
+            Check(1),
+            D,
+            &[0],
+            "free, denied again (a deny cache answers)",
+        ),
+        (&pro, Check(1), A, &[4, 2], "upgraded: pro decides, fresh"),
+        (&pro, Check(2), A, &[2, 0], "pro"),
+        (
+            &pro,
+            Check(1),
+            D,
+            &[2, 0],
+            "pro, its second quota exhausted",
+        ),
+        (&free, Check(1), D, &[0], "downgraded: free as it was left"),
+        (&free, Peek, A, &[0], "free peek"),
+        (&pro, Peek, A, &[2, 0], "pro kept its state"),
+        (&pro, Check(3), D, &[2, 0], "pro, denied"),
+    ];
+    for (p, call, outcome, remaining, what) in steps {
+        let at = At::new(
+            "tiers",
+            "tiers free (2/2h) and pro (5/5h and 3/3h)",
+            row,
+            format!("{what}: {} {call:?}", p.name()),
+        );
+        row += 1;
+        expect(store, at, (p, &k), call, outcome, remaining).await?;
+    }
+    let at = At::new(
+        "tiers",
+        "tiers free and pro",
+        row,
+        "reset of free".to_owned(),
+    );
+    row += 1;
+    at.answer(store.reset(&free, &k).await)?;
+    let after: [(&Policy, Call, Outcome, &[u32], &str); 2] = [
+        (&free, Check(1), A, &[1], "free after its reset"),
+        (&pro, Peek, A, &[2, 0], "pro untouched by free's reset"),
+    ];
+    for (p, call, outcome, remaining, what) in after {
+        let at = At::new(
+            "tiers",
+            "tiers free (2/2h) and pro (5/5h and 3/3h)",
+            row,
+            format!("{what}: {} {call:?}", p.name()),
+        );
+        row += 1;
+        expect(store, at, (p, &k), call, outcome, remaining).await?;
     }
     Ok(())
 }
