@@ -100,6 +100,9 @@ struct Args {
     /// Identity ID (API key, else client IP) starts in TIER (repeatable; needs --tiers).
     #[arg(long = "tier-of", value_name = "ID=TIER", value_parser = parse_tier_of, requires = "tiers")]
     tier_of: Vec<(String, String)>,
+    /// Serve GET /metrics (Prometheus text format) on ADDR (needs --features metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_tier_of(item: &str) -> Result<(String, String), String> {
@@ -306,7 +309,7 @@ fn app(
         )
         .route("/api/quota", get(quota))
         .route("/api/multi", get(multi_handler).route_layer(multi))
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(healthz));
     if state.admin_token.is_some() {
         router = router
             .route("/admin/stats", get(stats))
@@ -365,6 +368,19 @@ fn unauthorized() -> Response {
         "missing or wrong admin token\n",
     )
         .into_response()
+}
+
+/// Never limited, never failing: 200 with the store's health as JSON (a Redis store is asked
+/// for a PING within its command timeout).
+async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let health = tollgate::Store::health(state.default.store()).await;
+    Json(json!({
+        "status": "ok",
+        "store": state.store_name,
+        "store_healthy": health.is_ok(),
+        "store_error": health.err().map(|e| e.to_string()),
+        "store_stats": (state.store_stats)(),
+    }))
 }
 
 async fn stats(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -482,6 +498,41 @@ async fn shutdown_signal() {
     }
 }
 
+/// Installs the Prometheus recorder and serves `GET /metrics` on `addr`.
+#[cfg(feature = "metrics")]
+async fn serve_metrics(addr: SocketAddr) -> Result<SocketAddr, String> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let metrics = Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    let bound = listener.local_addr().unwrap_or(addr);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, metrics).await;
+    });
+    Ok(bound)
+}
+
+#[cfg(not(feature = "metrics"))]
+async fn serve_metrics(_addr: SocketAddr) -> Result<SocketAddr, String> {
+    Err("metrics need the metrics feature: \
+         cargo run --example demo --features metrics -- --metrics-listen 127.0.0.1:9090"
+        .into())
+}
+
 #[cfg(feature = "redis")]
 async fn redis_app(args: &Args, url: &str) -> Result<Router, String> {
     use tollgate::{CircuitBreaker, DenyCache};
@@ -551,6 +602,17 @@ async fn main() -> ExitCode {
     tracing_subscriber_init();
     // Exits 2 with a message on a bad flag, 0 after --help.
     let args = Args::parse();
+    // The recorder comes first: layers register their metrics when they are built.
+    let metrics_addr = match args.metrics_listen {
+        None => None,
+        Some(addr) => match serve_metrics(addr).await {
+            Ok(bound) => Some(bound),
+            Err(e) => {
+                eprintln!("error: --metrics-listen: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let built = match &args.redis_url {
         Some(url) => redis_app(&args, url).await.map(|r| (r, "redis")),
         None => app(
@@ -580,8 +642,9 @@ async fn main() -> ExitCode {
         Some(tiers) => format!("tiers: {tiers}"),
         None => format!("rate: {}", args.rate),
     };
+    let metrics = metrics_addr.map_or(String::new(), |m| format!(", metrics: {m}/metrics"));
     println!(
-        "tollgate demo listening on http://{addr} (store: {store_name}, {limit}, key: {})",
+        "tollgate demo listening on http://{addr} (store: {store_name}, {limit}, key: {}{metrics})",
         args.key
     );
     let served = axum::serve(

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 use http::request::Parts;
@@ -19,6 +19,7 @@ use crate::headers::{self, HeaderStyle, PolicyFields, ResetStyle};
 use crate::key::{Key, KeyError};
 use crate::response::{RateLimitBody, Rejector, misconfigured, store_unavailable};
 use crate::store::{FailMode, Policy};
+use crate::telemetry::{LayerMetrics, Outcome as Metric};
 use crate::tier::Tiering;
 
 /// What a request costs, from its parts.
@@ -54,6 +55,8 @@ pub(crate) struct Shared<St, K, R> {
     /// Log client keys as they are instead of their fingerprints (an explicit opt-in).
     pub(crate) log_raw_keys: bool,
     pub(crate) counters: Counters,
+    /// The layer's metrics (no-ops without the `metrics` feature or a recorder).
+    pub(crate) metrics: LayerMetrics,
     /// Microseconds (monotonic, since `started`) of the last store-failure warning.
     pub(crate) last_warning: AtomicU64,
     /// The same, for requests whose client could not be identified.
@@ -67,10 +70,16 @@ pub(crate) struct TierEntry {
     pub(crate) policy: Policy,
     pub(crate) fields: PolicyFields,
     pub(crate) fallback: Option<Policy>,
+    /// Its position in the layer's tiers.
+    pub(crate) index: usize,
 }
 
 impl TierEntry {
-    pub(crate) fn new(policy: Policy, fail_mode: FailMode) -> Result<Self, crate::QuotaError> {
+    pub(crate) fn new(
+        policy: Policy,
+        index: usize,
+        fail_mode: FailMode,
+    ) -> Result<Self, crate::QuotaError> {
         let fallback = match fail_mode {
             FailMode::Fallback { divisor } => Some(policy.divided(divisor)?),
             _ => None,
@@ -79,6 +88,7 @@ impl TierEntry {
             fields: PolicyFields::new(&policy),
             policy,
             fallback,
+            index,
         })
     }
 }
@@ -86,8 +96,12 @@ impl TierEntry {
 /// What to do with a request once the store (or the fail mode) has decided.
 pub(crate) enum Verdict<B> {
     /// Call the inner service; `fields` says whether the decision's fields go on the response
-    /// (not for fail-open verdicts).
-    Pass { decision: Decision, fields: bool },
+    /// (not for fail-open verdicts); `outcome` is how it is counted (unless it is delayed).
+    Pass {
+        decision: Decision,
+        fields: bool,
+        outcome: Metric,
+    },
     /// Answer without calling the inner service.
     Respond(Response<RateLimitBody<B>>),
 }
@@ -137,9 +151,11 @@ impl<St, K, R> Shared<St, K, R> {
                     return Verdict::Pass {
                         decision,
                         fields: false,
+                        outcome: Metric::FailOpen,
                     };
                 }
                 Degraded::Closed => {
+                    self.metrics.request(tier.index, Metric::FailClosed);
                     let mut response = store_unavailable();
                     self.mark_degraded(response.headers_mut(), "fail-closed");
                     return Verdict::Respond(response);
@@ -147,11 +163,26 @@ impl<St, K, R> Shared<St, K, R> {
             },
         };
         decision.set_policy(tier.policy.name_arc());
+        let degraded = decision.is_degraded();
         if decision.outcome() == Outcome::Allowed {
             self.counters.add(Counter::Allowed);
+            tracing::trace!(
+                target: "tollgate::decision",
+                policy = tier.policy.name(),
+                key = %self.log_key(key),
+                cost,
+                remaining = decision.remaining(),
+                degraded,
+                "request admitted"
+            );
             return Verdict::Pass {
                 decision,
                 fields: true,
+                outcome: if degraded {
+                    Metric::FallbackAllowed
+                } else {
+                    Metric::Allowed
+                },
             };
         }
         self.log_limited(tier, key, cost, &decision);
@@ -160,15 +191,25 @@ impl<St, K, R> Shared<St, K, R> {
             return Verdict::Pass {
                 decision,
                 fields: true,
+                outcome: Metric::DryRunDenied,
             };
         }
         self.counters.add(Counter::Denied);
+        self.metrics.request(
+            tier.index,
+            if degraded {
+                Metric::FallbackDenied
+            } else {
+                Metric::Denied
+            },
+        );
         Verdict::Respond(self.reject(tier, decision, parts))
     }
 
     /// The store failed: what the fail mode makes of the request.
     fn degrade(&self, error: &StoreError, tier: &TierEntry, key: &Key, cost: u32) -> Degraded {
         self.counters.add(Counter::StoreErrors);
+        self.metrics.store_error(error.kind());
         self.counters.add(Counter::Degraded);
         self.warn_store_failure(error, tier, key);
         match (&self.fail_mode, &self.fallback, &tier.fallback) {
@@ -230,6 +271,7 @@ impl<St, K, R> Shared<St, K, R> {
     /// logged at most once a second.
     pub(crate) fn unidentified<B>(&self, error: &KeyError) -> Response<RateLimitBody<B>> {
         self.counters.add(Counter::KeyErrors);
+        self.metrics.request(0, Metric::Unidentified);
         if once_a_second(&self.last_key_error, self.started) {
             tracing::error!(
                 target: "tollgate::key",
@@ -281,6 +323,32 @@ impl<St, K, R> Shared<St, K, R> {
 
     pub(crate) fn count_unlimited(&self) {
         self.counters.add(Counter::Unlimited);
+        self.metrics.request(0, Metric::Unlimited);
+    }
+
+    /// The span of one asynchronous store call (`tollgate.store`, at DEBUG).
+    pub(crate) fn store_span(&self, tier: usize) -> tracing::Span
+    where
+        St: crate::Store,
+    {
+        tracing::debug_span!(
+            target: "tollgate::store",
+            "tollgate.store",
+            policy = self.tier(tier).policy.name(),
+            store = self.store.name()
+        )
+    }
+
+    /// Counts an admitted request once it is known whether it waits.
+    #[inline]
+    pub(crate) fn count_pass(&self, tier: &TierEntry, outcome: Metric, delay: Option<Duration>) {
+        match delay {
+            Some(wait) => {
+                self.metrics.request(tier.index, Metric::Delayed);
+                self.metrics.delay(tier.index, wait);
+            }
+            None => self.metrics.request(tier.index, outcome),
+        }
     }
 
     /// How long an admitted request waits before it is served (nginx `limit_req` without
@@ -291,7 +359,7 @@ impl<St, K, R> Shared<St, K, R> {
         tier: &TierEntry,
         decision: &Decision,
         key: &Key,
-    ) -> Option<std::time::Duration> {
+    ) -> Option<Duration> {
         let after = self.delay_after?;
         if !decision.is_allowed() || decision.is_degraded() {
             return None;

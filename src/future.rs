@@ -16,6 +16,7 @@ use crate::error::StoreError;
 use crate::key::Key;
 use crate::response::{RateLimitBody, Rejector};
 use crate::store::Store;
+use crate::telemetry::Started;
 use crate::tier::LookupFuture;
 
 pin_project! {
@@ -47,6 +48,9 @@ pin_project! {
             pending: Option<(S, Request<ReqBody>, Key)>,
             cost: u32,
             tier: usize,
+            started: Started,
+            // `tollgate.store`, entered while the store's future is polled.
+            span: tracing::Span,
         },
         Delaying {
             #[pin]
@@ -107,12 +111,16 @@ where
         tier: usize,
         shared: Arc<Shared<St, K, R>>,
     ) -> Self {
+        let started = shared.metrics.start();
+        let span = shared.store_span(tier);
         Self {
             state: State::Checking {
                 check,
                 pending: Some((inner, req, key)),
                 cost,
                 tier,
+                started,
+                span,
             },
             shared,
         }
@@ -214,11 +222,19 @@ where
     let (mut parts, body) = req.into_parts();
     let entry = shared.tier(tier);
     match shared.verdict(result, entry, key, cost, &parts) {
-        Verdict::Pass { decision, fields } => {
+        Verdict::Pass {
+            decision,
+            fields,
+            outcome,
+        } => {
             Decisions::push_inner(&mut parts.extensions, decision.clone());
             parts.extensions.insert(decision.clone());
             let req = Request::from_parts(parts, body);
-            if fields && let Some(delay) = shared.delay_for(entry, &decision, key) {
+            let delay = fields
+                .then(|| shared.delay_for(entry, &decision, key))
+                .flatten();
+            shared.count_pass(entry, outcome, delay);
+            if let Some(delay) = delay {
                 return State::Delaying {
                     sleep: tokio::time::sleep(delay),
                     pending: Some((inner.take(), req, decision)),
@@ -281,6 +297,8 @@ where
                                     pending: Some((inner, req, key)),
                                     cost,
                                     tier,
+                                    started: shared.metrics.start(),
+                                    span: shared.store_span(tier),
                                 },
                             }
                         }
@@ -303,9 +321,16 @@ where
                     pending,
                     cost,
                     tier,
+                    started,
+                    span,
                 } => {
-                    let result = ready!(check.poll(cx));
+                    let result = {
+                        let _entered = span.enter();
+                        ready!(check.poll(cx))
+                    };
                     let (cost, tier) = (*cost, *tier);
+                    let failed = result.as_ref().err().map(StoreError::kind);
+                    this.shared.metrics.finish(*started, failed);
                     let next = match pending.take() {
                         Some((inner, req, key)) => next_state(
                             this.shared,

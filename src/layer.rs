@@ -18,6 +18,7 @@ use crate::quota::Quota;
 use crate::response::{DefaultRejection, RejectWith, Rejection, RejectionBody};
 use crate::service::RateLimit;
 use crate::store::{FailMode, Policy, Store};
+use crate::telemetry::LayerMetrics;
 use crate::tier::{
     DEFAULT_MAX_ASSIGNMENTS, ResolveFn, Resolver, SelectFn, Tier, TierCache, Tiering, Tiers,
 };
@@ -70,12 +71,12 @@ impl<K: KeyExtractor> RateLimitLayer<MemoryStore, K> {
             // A new store knows no other policy, so this cannot conflict.
             let _ = registry.register(&policy, false);
         }
-        let tier = TierEntry::new(policy, FailMode::default())
+        let tier = TierEntry::new(policy, 0, FailMode::default())
             .unwrap_or_else(|_| unreachable!("only a fallback divides the policy"));
         let parts = Builder::new(quota)
             .key(key)
             .store(store)
-            .parts(vec![tier], None);
+            .parts(vec![tier], None, "memory");
         Self::from_parts(parts)
     }
 }
@@ -686,12 +687,20 @@ impl<St, K, R> Builder<St, K, R> {
         self
     }
 
-    fn parts(self, tiers: Vec<TierEntry>, tiering: Option<Tiering>) -> Shared<St, K, R> {
+    fn parts(
+        self,
+        tiers: Vec<TierEntry>,
+        tiering: Option<Tiering>,
+        store_name: &'static str,
+    ) -> Shared<St, K, R> {
         let fallback = tiers
             .iter()
             .any(|t| t.fallback.is_some())
             .then(MemoryStore::new);
+        let policies: Vec<&Policy> = tiers.iter().map(|t| &t.policy).collect();
+        let metrics = LayerMetrics::new(&policies, store_name);
         Shared {
+            metrics,
             tiers: tiers.into_boxed_slice(),
             tiering,
             store: self.store,
@@ -780,8 +789,12 @@ impl<St: Store, K: KeyExtractor, R> Builder<St, K, R> {
         }
         let tiers = policies
             .into_iter()
-            .map(|policy| TierEntry::new(policy, self.settings.fail_mode))
+            .enumerate()
+            .map(|(index, policy)| TierEntry::new(policy, index, self.settings.fail_mode))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(RateLimitLayer::from_parts(self.parts(tiers, tiering)))
+        let store_name = self.store.name();
+        Ok(RateLimitLayer::from_parts(
+            self.parts(tiers, tiering, store_name),
+        ))
     }
 }

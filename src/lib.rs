@@ -34,6 +34,7 @@
 //! | `serde` | no | `Deserialize`/`Serialize` for [`Quota`] (`"60/m"` or `{ rate, capacity }`), `Serialize` for [`Stats`] |
 //! | `redis` | no | `RedisStore`: one limit shared by many app servers |
 //! | `redis-cluster` | no | `RedisStore` on Redis Cluster |
+//! | `metrics` | no | counters and histograms per policy through the `metrics` facade ([`telemetry`]) |
 //! | `test-util` | no | `store::conformance`: the checks every [`Store`] passes, for stores of your own |
 //!
 //! ## Semantics
@@ -61,6 +62,7 @@ pub mod quota;
 mod response;
 mod service;
 pub mod store;
+pub mod telemetry;
 pub mod tier;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};

@@ -266,3 +266,60 @@ fn tiers_give_each_client_its_own_quota_and_move_at_runtime() {
         assert!(!out.stderr.is_empty(), "{args:?}");
     }
 }
+
+/// `--metrics-listen`: `GET /metrics` in the Prometheus text format, parsed with a real
+/// exposition parser: exact counts per policy and result, and no client identity anywhere.
+#[cfg(feature = "metrics")]
+#[test]
+fn metrics_are_scraped_in_prometheus_format() {
+    let demo = Demo::start(&["--rate", "2/m", "--metrics-listen", "127.0.0.1:0"]);
+    let metrics_url = demo
+        .banner
+        .split("metrics: ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .map(|addr| format!("http://{addr}"))
+        .unwrap_or_else(|| panic!("no metrics address in {:?}", demo.banner));
+    let c = reqwest::blocking::Client::new();
+    for _ in 0..3 {
+        c.get(demo.url("/api/hello"))
+            .header("x-api-key", "sk_live_SECRET")
+            .send()
+            .unwrap();
+    }
+    c.get(demo.url("/healthz")).send().unwrap();
+    let res = c.get(&metrics_url).send().unwrap();
+    assert_eq!(res.status(), 200);
+    let text = res.text().unwrap();
+    assert!(!text.contains("sk_live_SECRET"), "{text}");
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition format");
+    let count = |result: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "tollgate_requests_total"
+                    && s.labels.get("policy") == Some("default")
+                    && s.labels.get("result") == Some(result)
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{other:?}"),
+            })
+            .unwrap_or(0.0)
+    };
+    assert_eq!(count("allowed"), 2.0, "{text}");
+    assert_eq!(count("denied"), 1.0, "{text}");
+    assert_eq!(count("unlimited"), 1.0, "/healthz is never limited: {text}");
+}
+
+/// `/healthz` answers 200 with the store's health as JSON.
+#[test]
+fn healthz_reports_the_store() {
+    let demo = Demo::start(&[]);
+    let health: serde_json::Value = get(&demo.url("/healthz")).json().unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["store"], "memory");
+    assert_eq!(health["store_healthy"], true);
+}

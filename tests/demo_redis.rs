@@ -54,6 +54,33 @@ fn two_demo_servers_share_one_limit() {
     );
 }
 
+/// `/healthz` never fails the process: it reports Redis healthy, then down (200 both times).
+#[test]
+fn healthz_reports_a_redis_outage() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let demo = Demo::start(&["--redis-url", url.as_str()]);
+    let c = client();
+    let health = |c: &reqwest::blocking::Client| -> serde_json::Value {
+        let res = c.get(demo.url("/healthz")).send().unwrap();
+        assert_eq!(res.status(), 200);
+        res.json().unwrap()
+    };
+    let up = health(&c);
+    assert_eq!(
+        (up["store"].as_str(), up["store_healthy"].as_bool()),
+        (Some("redis"), Some(true)),
+        "{up}"
+    );
+    redis.kill();
+    let down = health(&c);
+    assert_eq!(down["store_healthy"], false, "{down}");
+    assert!(
+        down["store_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{down}"
+    );
+}
+
 /// Tiers on Redis: two demo instances share each tier's limit exactly.
 #[test]
 fn two_demo_servers_share_a_tiers_limit() {

@@ -706,3 +706,17 @@ where
     }
     out
 }
+
+/// The health check: a PING within the command timeout, and the clock offset from one TIME
+/// (the same machine: within a fraction of a second); an error once Redis is gone.
+#[tokio::test]
+async fn health_check_pings_and_measures_the_clock_offset() {
+    let mut server = RedisServer::start();
+    let store = store(&server).await;
+    let offset = store.ping().await.unwrap();
+    assert!(offset.abs() < 0.5, "offset {offset} s on one machine");
+    Store::health(&store).await.unwrap();
+    server.kill();
+    let err = Store::health(&store).await.unwrap_err();
+    assert!(err.is_connection() || err.is_timeout(), "{err}");
+}

@@ -73,6 +73,8 @@ trait DynStore: Send + Sync + 'static {
         key: &'a Key,
     ) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
     fn registry(&self) -> Option<&PolicyRegistry>;
+    fn name(&self) -> &'static str;
+    fn health<'a>(&'a self) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
     fn type_name(&self) -> &'static str;
 }
 
@@ -105,6 +107,14 @@ impl<S: Store> DynStore for S {
 
     fn registry(&self) -> Option<&PolicyRegistry> {
         Store::registry(self)
+    }
+
+    fn name(&self) -> &'static str {
+        Store::name(self)
+    }
+
+    fn health<'a>(&'a self) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>> {
+        Box::pin(Store::health(self))
     }
 
     fn type_name(&self) -> &'static str {
@@ -145,5 +155,14 @@ impl Store for BoxStore {
 
     fn registry(&self) -> Option<&PolicyRegistry> {
         self.inner.registry()
+    }
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let inner = Arc::clone(&self.inner);
+        async move { inner.health().await }
     }
 }

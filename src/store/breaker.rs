@@ -238,6 +238,8 @@ struct Shared<C> {
     opened: AtomicU64,
     rejected: AtomicU64,
     probes: AtomicU64,
+    /// The wrapped store's name, for metrics labels (learnt on the first check).
+    store_name: std::sync::OnceLock<&'static str>,
 }
 
 impl<S> CircuitBreaker<S> {
@@ -391,6 +393,7 @@ impl<S, C: Clock> CircuitBreaker<S, C> {
             .compare_exchange(word, token, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
         s.probes.fetch_add(1, Ordering::Relaxed);
+        s.moved(BreakerState::HalfOpen);
         Some(token)
     }
 
@@ -422,7 +425,24 @@ impl<C: Clock> Shared<C> {
             opened: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             probes: AtomicU64::new(0),
+            store_name: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Reports a change of state to metrics: `tollgate_breaker_state` (0 closed, 1 half-open,
+    /// 2 open) and `tollgate_breaker_transitions_total{to}`.
+    fn moved(&self, to: BreakerState) {
+        let store = self.store_name.get().copied().unwrap_or("custom");
+        let (value, label) = match to {
+            BreakerState::Closed => (0.0, "closed"),
+            BreakerState::HalfOpen => (1.0, "half_open"),
+            BreakerState::Open => (2.0, "open"),
+        };
+        crate::telemetry::gauge("tollgate_breaker_state", store, value);
+        crate::telemetry::count(
+            "tollgate_breaker_transitions_total",
+            &[("store", store), ("to", label)],
+        );
     }
 
     /// Accounts for one store call's outcome.
@@ -437,6 +457,7 @@ impl<C: Clock> Shared<C> {
                     .compare_exchange(token, CLOSED, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
             {
+                self.moved(BreakerState::Closed);
                 tracing::info!(
                     target: "tollgate::store",
                     "circuit breaker closed: the store answered the probe"
@@ -480,6 +501,7 @@ impl<C: Clock> Shared<C> {
             .is_ok()
         {
             self.opened.fetch_add(1, Ordering::Relaxed);
+            self.moved(BreakerState::Open);
             tracing::warn!(
                 target: "tollgate::store",
                 consecutive_failures = failures,
@@ -519,6 +541,9 @@ impl<S: Store, C: Clock> Store for CircuitBreaker<S, C> {
     type Future = BreakerFuture<S::Future, C>;
 
     fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
+        if self.shared.store_name.get().is_none() {
+            let _ = self.shared.store_name.set(self.store.name());
+        }
         if !self.enabled {
             return BreakerFuture {
                 state: BState::Running {
@@ -593,6 +618,15 @@ impl<S: Store, C: Clock> Store for CircuitBreaker<S, C> {
 
     fn registry(&self) -> Option<&crate::store::PolicyRegistry> {
         self.store.registry()
+    }
+
+    fn name(&self) -> &'static str {
+        self.store.name()
+    }
+
+    /// The wrapped store's health, asked directly (whatever the wrapper's own state).
+    fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.store.health()
     }
 }
 

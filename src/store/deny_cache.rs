@@ -119,6 +119,8 @@ struct Shared<C> {
     bound: Bound,
     local_denials: AtomicU64,
     store_calls: AtomicU64,
+    /// `tollgate_deny_cache_hits_total`.
+    hits: crate::telemetry::CounterHandle,
 }
 
 /// One remembered quota of a client: a TAT that is a lower bound of the store's, and the quota
@@ -309,6 +311,7 @@ impl<C: Clock> Shared<C> {
             bound: Bound::new(MIN_SWEEP_INTERVAL),
             local_denials: AtomicU64::new(0),
             store_calls: AtomicU64::new(0),
+            hits: crate::telemetry::CounterHandle::new("tollgate_deny_cache_hits_total"),
         }
     }
 
@@ -323,6 +326,7 @@ impl<C: Clock> Shared<C> {
         let n = self.local_denials.load(Ordering::Relaxed);
         self.local_denials
             .store(n.wrapping_add(1), Ordering::Relaxed);
+        self.hits.increment();
     }
 
     /// The local answer for a charging check: `Some` when the remembered TATs deny it.
@@ -528,6 +532,15 @@ impl<S: Store, C: Clock> Store for DenyCache<S, C> {
 
     fn registry(&self) -> Option<&crate::store::PolicyRegistry> {
         self.store.registry()
+    }
+
+    fn name(&self) -> &'static str {
+        self.store.name()
+    }
+
+    /// The wrapped store's health, asked directly (whatever the wrapper's own state).
+    fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.store.health()
     }
 
     fn reset(

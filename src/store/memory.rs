@@ -460,6 +460,10 @@ impl<C: Clock> Store for MemoryStore<C> {
     fn registry(&self) -> Option<&PolicyRegistry> {
         Some(&self.inner.registry)
     }
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
 }
 
 #[cfg(test)]

@@ -195,6 +195,19 @@ pub trait Store: Send + Sync + 'static {
     fn registry(&self) -> Option<&PolicyRegistry> {
         None
     }
+
+    /// Whether the store can decide right now, for health endpoints: `Ok` when it answers
+    /// (Redis: a `PING` within the command timeout). Never called on the request path. The
+    /// default is `Ok` (an in-process store is always there).
+    fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    /// What the store is, for the `store` label of metrics: `memory`, `redis`, or for a
+    /// wrapper its inner store's name. The default is `custom`.
+    fn name(&self) -> &'static str {
+        "custom"
+    }
 }
 
 /// The policies known to one store, by name: a layer whose policy has the name of another with
@@ -299,6 +312,14 @@ impl<S: Store> Store for Arc<S> {
 
     fn registry(&self) -> Option<&PolicyRegistry> {
         (**self).registry()
+    }
+
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).health()
     }
 }
 

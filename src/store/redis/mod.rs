@@ -221,6 +221,54 @@ impl RedisStore {
             .await
     }
 
+    /// Checks that Redis answers: a `PING` within the command timeout, then a `TIME` whose
+    /// answer, against this server's clock, gives the offset between the two clocks (half the
+    /// round trip corrected). Returns that offset in seconds (Redis minus this server; positive
+    /// when Redis is ahead) and reports it as the `tollgate_store_clock_offset_seconds` gauge
+    /// (feature `metrics`). Decisions never use it: they run on Redis's clock alone. This is
+    /// what [`Store::health`] runs; never on the request path.
+    ///
+    /// # Errors
+    /// A [`StoreError`] when Redis fails or does not answer within the command timeout.
+    pub async fn ping(&self) -> Result<f64, StoreError> {
+        let inner = &self.inner;
+        match inner.timed(inner.run(&redis::cmd("PING"))).await? {
+            Value::SimpleString(s) if s == "PONG" => {}
+            other => {
+                return Err(errors::unexpected(format!(
+                    "PING answered {other:?} instead of PONG"
+                )));
+            }
+        }
+        let sent = std::time::SystemTime::now();
+        let reply = inner.timed(inner.run(&redis::cmd("TIME"))).await?;
+        let received = std::time::SystemTime::now();
+        let redis_micros = match &reply {
+            Value::Array(parts) if parts.len() == 2 => {
+                let num = |v: &Value| match v {
+                    Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse::<u64>().ok(),
+                    _ => None,
+                };
+                match (num(&parts[0]), num(&parts[1])) {
+                    (Some(secs), Some(micros)) => {
+                        secs.saturating_mul(1_000_000).saturating_add(micros)
+                    }
+                    _ => return Err(errors::unexpected(format!("TIME answered {reply:?}"))),
+                }
+            }
+            other => return Err(errors::unexpected(format!("TIME answered {other:?}"))),
+        };
+        let micros = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        let local = (micros(sent) + micros(received)) / 2.0;
+        #[allow(clippy::cast_precision_loss)] // microseconds since 1970 fit a double exactly
+        let offset = (redis_micros as f64 - local) / 1e6;
+        crate::telemetry::gauge("tollgate_store_clock_offset_seconds", "redis", offset);
+        Ok(offset)
+    }
+
     /// Loads the script into Redis (every primary, in a cluster) ahead of the first decision.
     /// `build` does this already; call it after a planned `SCRIPT FLUSH` to spare the first
     /// request the reload round trips (which are transparent either way).
@@ -583,6 +631,15 @@ impl Store for RedisStore {
 
     fn registry(&self) -> Option<&crate::store::PolicyRegistry> {
         Some(&self.inner.registry)
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let store = self.clone();
+        async move { store.ping().await.map(drop) }
     }
 }
 
