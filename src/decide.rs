@@ -51,6 +51,8 @@ pub(crate) struct Shared<St, K, R> {
     pub(crate) rejector: R,
     /// Add `Retry-After` and the rate-limit fields to the rejector's responses.
     pub(crate) rejection_fields: bool,
+    /// Record every layer's decision in the response's extensions.
+    pub(crate) response_decisions: bool,
     pub(crate) log_level: Level,
     /// Log client keys as they are instead of their fingerprints (an explicit opt-in).
     pub(crate) log_raw_keys: bool,
@@ -102,6 +104,8 @@ pub(crate) enum Verdict<B> {
         fields: bool,
         outcome: Metric,
     },
+    /// Answer with the rejection of this denial.
+    Deny(Decision),
     /// Answer without calling the inner service.
     Respond(Response<RateLimitBody<B>>),
 }
@@ -138,11 +142,7 @@ impl<St, K, R> Shared<St, K, R> {
         tier: &TierEntry,
         key: &Key,
         cost: u32,
-        parts: &Parts,
-    ) -> Verdict<B>
-    where
-        R: Rejector<B>,
-    {
+    ) -> Verdict<B> {
         let mut decision = match result {
             Ok(decision) => decision,
             Err(error) => match self.degrade(&error, tier, key, cost) {
@@ -203,7 +203,7 @@ impl<St, K, R> Shared<St, K, R> {
                 Metric::Denied
             },
         );
-        Verdict::Respond(self.reject(tier, decision, parts))
+        Verdict::Deny(decision)
     }
 
     /// The store failed: what the fail mode makes of the request.
@@ -230,7 +230,7 @@ impl<St, K, R> Shared<St, K, R> {
 
     /// The rejection of a denied (or impossible) request, with `Retry-After`, this layer's
     /// fields and the decision in its extensions.
-    fn reject<B>(
+    pub(crate) fn reject<B>(
         &self,
         tier: &TierEntry,
         decision: Decision,
@@ -262,7 +262,9 @@ impl<St, K, R> Shared<St, K, R> {
         if decision.is_degraded() {
             self.mark_degraded(response.headers_mut(), "fallback");
         }
-        crate::decision::Decisions::push_outer(response.extensions_mut(), decision);
+        if self.response_decisions {
+            crate::decision::Decisions::push_outer(response.extensions_mut(), decision);
+        }
         response
     }
 
@@ -307,7 +309,9 @@ impl<St, K, R> Shared<St, K, R> {
                 if fields { "fallback" } else { "fail-open" },
             );
         }
-        crate::decision::Decisions::push_outer(response.extensions_mut(), decision);
+        if self.response_decisions {
+            crate::decision::Decisions::push_outer(response.extensions_mut(), decision);
+        }
     }
 
     /// Adds `x-ratelimit-degraded: <how>` when the layer is configured to show degraded

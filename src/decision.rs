@@ -41,8 +41,8 @@ pub enum Outcome {
 ///
 /// With several layers stacked, the innermost layer's decision is the one found as
 /// `Extension<Decision>` (the most specific limit, usually a route's); every layer's decision,
-/// in the order the layers ran, is in [`Decisions`], in the request's extensions and in the
-/// response's, so outer layers and `map_response` see them too.
+/// in the order the layers ran, is in [`Decisions`]: in the response's extensions, so outer
+/// layers and `map_response` see them, and in the request's when more than one layer decided.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Decision {
     // The raw GCRA quantities, in microseconds; everything else is derived on access, so a
@@ -194,8 +194,10 @@ impl Decision {
 }
 
 /// Every stacked layer's decision about one request, in the order the layers ran (outermost
-/// first). Found in the request's extensions (for handlers) and in the response's (for outer
-/// layers, `map_response` and logging middleware).
+/// first). Found in the response's extensions (for outer layers, `map_response` and logging
+/// middleware; unless [`Builder::response_decisions(false)`](crate::Builder::response_decisions)),
+/// and, when more than one layer decided, in the request's (for handlers; a single layer's
+/// is its `Extension<Decision>`).
 ///
 /// ```
 /// use axum::{Router, middleware::map_response, response::Response, routing::get};
@@ -249,15 +251,23 @@ impl Decisions {
         self.list.iter().find(|d| d.policy() == Some(policy))
     }
 
-    /// Adds the decision of a layer that ran after (inside) those already listed.
-    pub(crate) fn push_inner(extensions: &mut http::Extensions, decision: Decision) {
-        match extensions.get_mut::<Self>() {
-            Some(all) => all.list.push(decision),
-            None => {
+    /// Records a layer's `decision` in a request's extensions: as the [`Decision`] (the
+    /// innermost so far) and, when an outer layer decided too, in `Decisions` after every
+    /// earlier one. A single layer inserts only its `Decision`: one extension, no clone.
+    pub(crate) fn record_request(extensions: &mut http::Extensions, decision: Decision) {
+        let Some(outer) = extensions.insert(decision) else {
+            return;
+        };
+        let inner = extensions.get::<Decision>().cloned();
+        match (extensions.get_mut::<Self>(), inner) {
+            (Some(all), Some(inner)) => all.list.push(inner),
+            (None, Some(inner)) => {
                 let mut list = SmallVec::new();
-                list.push(decision);
+                list.push(outer);
+                list.push(inner);
                 extensions.insert(Self { list });
             }
+            (_, None) => {}
         }
     }
 

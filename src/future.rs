@@ -219,21 +219,19 @@ where
     St: Store,
     R: Rejector<ResBody>,
 {
-    let (mut parts, body) = req.into_parts();
+    let mut req = req;
     let entry = shared.tier(tier);
-    match shared.verdict(result, entry, key, cost, &parts) {
+    match shared.verdict(result, entry, key, cost) {
         Verdict::Pass {
             decision,
             fields,
             outcome,
         } => {
-            Decisions::push_inner(&mut parts.extensions, decision.clone());
-            parts.extensions.insert(decision.clone());
-            let req = Request::from_parts(parts, body);
             let delay = fields
                 .then(|| shared.delay_for(entry, &decision, key))
                 .flatten();
             shared.count_pass(entry, outcome, delay);
+            Decisions::record_request(req.extensions_mut(), decision.clone());
             if let Some(delay) = delay {
                 return State::Delaying {
                     sleep: tokio::time::sleep(delay),
@@ -244,6 +242,13 @@ where
             State::Calling {
                 fut: inner.call(req),
                 decision: Some((decision, tier, fields)),
+            }
+        }
+        Verdict::Deny(decision) => {
+            inner.release();
+            let (parts, _body) = req.into_parts();
+            State::Ready {
+                response: Some(shared.reject(entry, decision, &parts)),
             }
         }
         Verdict::Respond(response) => {

@@ -314,6 +314,7 @@ struct Settings {
     /// A status given to [`Builder::status`] that is not 400..=599, reported by `build`.
     bad_status: Option<StatusCode>,
     rejection_fields: bool,
+    response_decisions: bool,
     log_level: Level,
     log_raw_keys: bool,
     tiers: Option<Tiers>,
@@ -349,6 +350,7 @@ impl Builder {
                 degraded_header: false,
                 bad_status: None,
                 rejection_fields: true,
+                response_decisions: true,
                 log_level: Level::INFO,
                 log_raw_keys: false,
                 tiers: None,
@@ -667,6 +669,16 @@ impl<St, K, R> Builder<St, K, R> {
         self
     }
 
+    /// Record the layer's decision in every response's extensions, as [`Decisions`](crate::Decisions),
+    /// for outer layers and `map_response` (default true). Off, the response carries no
+    /// decision, which spares the response its extension map: an allocation and an insert per
+    /// request (see the README's benchmark figures). Handlers still find the decision in the
+    /// request's extensions either way.
+    pub fn response_decisions(mut self, on: bool) -> Self {
+        self.settings.response_decisions = on;
+        self
+    }
+
     /// Log client keys as they are in `tollgate::*` events, instead of their fingerprints
     /// (default false).
     ///
@@ -717,6 +729,7 @@ impl<St, K, R> Builder<St, K, R> {
             degraded_header: self.settings.degraded_header,
             rejector: self.rejector,
             rejection_fields: self.settings.rejection_fields,
+            response_decisions: self.settings.response_decisions,
             log_level: self.settings.log_level,
             log_raw_keys: self.settings.log_raw_keys,
             counters: Counters::new(),
