@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use axum::{Router, body::Body, routing::get};
 use http_body_util::BodyExt;
 use tollgate::key::{ClientIp, PeerAddr};
-use tollgate::{BoxStore, MemoryStore, Quota, RateLimitLayer};
+use tollgate::{BoxStore, MemoryStore, Quota, RateLimitLayer, TierCache, Tiers};
 use tower::{Service, ServiceExt};
 
 fn request() -> http::Request<Body> {
@@ -65,8 +65,52 @@ fn app(mode: &str) -> Router {
                 .build()
                 .unwrap_or_else(|e| panic!("{e}")),
         ),
+        // The default layer without recording its decision on the response.
+        "no-response-decisions" => hello.layer(
+            RateLimitLayer::builder(allowed)
+                .key(ClientIp::new())
+                .response_decisions(false)
+                .build()
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        // Two tiers, the request's picked by a selector that reads a header it lacks (so the
+        // default tier), the tier's own quota equal to `allowed`.
+        "tiered" => {
+            let tiers: Tiers = format!("free={allowed},pro={busy}")
+                .parse()
+                .unwrap_or_else(|e| panic!("{e}"));
+            let pro = tiers.get("pro").unwrap_or_else(|| panic!("pro"));
+            hello.layer(
+                RateLimitLayer::builder(allowed)
+                    .key(ClientIp::new())
+                    .tiers(tiers)
+                    .select_tier(move |req, _key| req.headers.get("x-plan").map(|_| pro))
+                    .build()
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
+        }
+        // Two tiers found by an asynchronous resolver: after the warm-up, every request is a
+        // cache hit.
+        "resolved" => hello.layer(
+            RateLimitLayer::builder(allowed)
+                .key(ClientIp::new())
+                .tiers(
+                    format!("free={allowed},pro={busy}")
+                        .parse::<Tiers>()
+                        .unwrap_or_else(|e| panic!("{e}")),
+                )
+                .resolve_tier(
+                    |_key| async { Ok::<_, std::io::Error>(Some("free".to_owned())) },
+                    TierCache::default().ttl(std::time::Duration::from_secs(3600)),
+                )
+                .build()
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
         other => {
-            eprintln!("unknown mode {other:?}: none, allowed, no-fields, busy, denied, boxed");
+            eprintln!(
+                "unknown mode {other:?}: none, allowed, no-fields, busy, denied, boxed, \
+                 no-response-decisions, tiered, resolved"
+            );
             std::process::exit(2)
         }
     }
@@ -85,6 +129,7 @@ fn main() {
         .unwrap_or(1_000)
         .clamp(1, 10_000_000);
     let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .unwrap_or_else(|e| panic!("runtime: {e}"));
     let mut svc = app(mode);

@@ -626,7 +626,8 @@ impl<St, K, R> Builder<St, K, R> {
     /// asks the resolver only on a miss, and a miss is looked up once however many requests of
     /// that key arrive meanwhile. A lookup that fails or times out is a store failure: the
     /// layer's [`fail_mode`](Self::fail_mode) decides, for the default tier, and it is counted
-    /// and logged as one. Needs [`tiers`](Self::tiers).
+    /// and logged as one. Needs [`tiers`](Self::tiers), and a Tokio runtime with its time driver
+    /// (as axum's has) for the lookup's timeout.
     ///
     /// ```
     /// use std::time::Duration;
