@@ -106,6 +106,14 @@ fn app(mode: &str) -> Router {
                 .build()
                 .unwrap_or_else(|e| panic!("{e}")),
         ),
+        // The default layer reporting into a Prometheus recorder (feature `metrics`).
+        #[cfg(feature = "metrics")]
+        "prometheus" => {
+            let _handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap_or_else(|e| panic!("{e}"));
+            hello.layer(RateLimitLayer::new(allowed, ClientIp::new()))
+        }
         other => {
             eprintln!(
                 "unknown mode {other:?}: none, allowed, no-fields, busy, denied, boxed, \
