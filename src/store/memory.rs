@@ -240,24 +240,40 @@ impl<C: Clock> MemoryStore<C> {
     }
 }
 
-/// The compare-and-swap loop on one key's TAT: the TAT the decision was made on, and whether
-/// the request was charged. The caller works the decision out from those (it is a pure
-/// function of them) after the shard guard is released; only the new TAT is needed under it.
+/// The compare-and-swap loop on one key's TAT: the TAT and the instant the decision was made
+/// on, and whether the request was charged. The caller works the decision out from those (it
+/// is a pure function of them) after the shard guard is released; only the new TAT is needed
+/// under it.
+///
+/// The clock is read after the TAT is loaded (and again after a lost race): a TAT written by a
+/// charge is then never decided on with an instant older than that charge's own, so the
+/// requests charged one after another see strictly decreasing `remaining` (a thread that read
+/// the clock, was preempted, and charged after a later reader would otherwise report one
+/// fewer).
 #[inline]
-fn charge(tat: &AtomicU64, now: u64, quota: &crate::Quota, cost: u32) -> (u64, bool) {
+fn charge<C: Clock>(
+    tat: &AtomicU64,
+    clock: &C,
+    quota: &crate::Quota,
+    cost: u32,
+) -> (u64, u64, bool) {
     let mut current = tat.load(Ordering::Acquire);
+    let mut now = clock.now_micros();
     loop {
         let Some(new_tat) = gcra::step(current, now, quota, cost).write else {
-            return (current, false);
+            return (current, now, false);
         };
         match tat.compare_exchange_weak(current, new_tat, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return (current, true),
-            Err(actual) => current = actual,
+            Ok(_) => return (current, now, true),
+            Err(actual) => {
+                current = actual;
+                now = clock.now_micros();
+            }
         }
     }
 }
 
-impl<C> Inner<C> {
+impl<C: Clock> Inner<C> {
     /// The maps of `policy`'s own slot (claiming a free one for a new policy), or `None` when
     /// every slot belongs to another policy.
     #[inline]
@@ -318,8 +334,8 @@ impl<C> Inner<C> {
         let found = maps
             .map
             .get(stored)
-            .map(|tat| charge(&tat, now, quota, cost));
-        if let Some((current, charged)) = found {
+            .map(|tat| charge(&tat, &self.clock, quota, cost));
+        if let Some((current, now, charged)) = found {
             if !charged
                 && let (Some((slot, probe)), Some(epoch)) = (&probe, epoch)
                 && frozen::is_frozen(current, now, quota)
@@ -335,12 +351,12 @@ impl<C> Inner<C> {
             return fresh.decision;
         }
         self.make_room(now);
-        let (current, _) = {
+        let (current, now, _) = {
             let tat = maps
                 .map
                 .entry(StoredKey::new(stored))
                 .or_insert_with(|| AtomicU64::new(0));
-            charge(&tat, now, quota, cost)
+            charge(&tat, &self.clock, quota, cost)
         };
         self.after_insert(now);
         gcra::step(current, now, quota, cost).decision
