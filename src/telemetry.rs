@@ -13,6 +13,8 @@
 //! | `tollgate_breaker_state` | gauge | `store` | a [`CircuitBreaker`](crate::CircuitBreaker)'s state: 0 closed, 1 half-open, 2 open |
 //! | `tollgate_breaker_transitions_total` | counter | `store`, `to` | its changes of state |
 //! | `tollgate_store_clock_offset_seconds` | gauge | `store` | Redis's clock minus this server's, measured by [`Store::health`](crate::Store::health); never used for decisions |
+//! | `tollgate_memory_keys` | gauge | | the states a [`MemoryStore`](crate::MemoryStore) holds, after each sweep |
+//! | `tollgate_memory_evictions_total` | counter | `reason` | states a sweep removed: `fresh` (changes no decision) or `capacity` (not yet fresh, removed at `max_keys`: many of these mean `max_keys` is too small) |
 //!
 //! `policy` is the layer's policy, or for a layer of tiers the tier that decided. No label
 //! ever holds a client's identity or anything a client chooses: every label set is bounded by
@@ -278,6 +280,28 @@ pub(crate) fn count(name: &'static str, labels: &[(&'static str, &'static str)])
             .collect();
         metrics::counter!(name, labels).increment(1);
     }
+}
+
+/// Adds `n` to the counter `name`, labelled `labels` (for rare events).
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn add(name: &'static str, labels: &[(&'static str, &'static str)], n: usize) {
+    #[cfg(feature = "metrics")]
+    if n > 0 {
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, *v))
+            .collect();
+        metrics::counter!(name, labels).increment(n as u64);
+    }
+}
+
+/// Sets the gauge `name`, without labels.
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn gauge_unlabelled(name: &'static str, value: f64) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!(name).set(value);
 }
 
 /// A counter without labels, registered once (for frequent events).

@@ -287,7 +287,15 @@ fn series_do_not_grow_with_clients() {
             send(&mut svc, &format!("client-{i}"), "/", 2).await;
         }
     });
-    assert_eq!(m.len(), many.len(), "{many:#?}");
+    // The memory store's own series (at most three: keys, evictions by two reasons) appear
+    // once a sweep has run; nothing else is added, and nothing per client.
+    let layer_series = |m: &HashMap<String, f64>| {
+        m.keys()
+            .filter(|k| !k.starts_with("tollgate_memory_"))
+            .count()
+    };
+    assert_eq!(layer_series(&m), layer_series(&many), "{many:#?}");
+    assert!(many.len() <= m.len() + 3, "{many:#?}");
     assert_eq!(
         get(&many, "tollgate_requests_total{policy=api,result=allowed}"),
         10_000.0
@@ -297,4 +305,27 @@ fn series_do_not_grow_with_clients() {
         10_000.0
     );
     assert!(many.keys().all(|k| !k.contains("client-")));
+}
+
+/// A MemoryStore too small for its clients says so: evictions of states that were not fresh
+/// yet (`reason=capacity`), and its size as a gauge.
+#[test]
+fn a_full_memory_store_reports_capacity_evictions() {
+    let m = with_recorder(|| async {
+        let store = MemoryStore::builder().max_keys(64).build().unwrap();
+        let layer = RateLimitLayer::builder("10/h".parse().unwrap())
+            .policy("small")
+            .key(Header::new("x-api-key").unwrap())
+            .store(store)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(inner());
+        for i in 0..5_000 {
+            send(&mut svc, &format!("client-{i}"), "/", 1).await;
+        }
+    });
+    let capacity = get(&m, "tollgate_memory_evictions_total{reason=capacity}");
+    assert!(capacity > 0.0, "{m:#?}");
+    let keys = get(&m, "tollgate_memory_keys{}");
+    assert!(keys > 0.0 && keys <= 64.0, "{m:#?}");
 }

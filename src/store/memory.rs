@@ -30,6 +30,7 @@ use crate::key::Key;
 use crate::store::frozen::{self, Frozen};
 use crate::store::keyspace::{Bound, MAX_COMPOSED, StoredKey, compose, eviction_threshold};
 use crate::store::{Policy, PolicyRegistry, Store};
+use crate::telemetry;
 
 /// The default bound on stored keys.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
@@ -422,11 +423,18 @@ impl<C: Clock> Inner<C> {
         let latest = |tats: &[u64]| tats.iter().copied().max().unwrap_or(0);
         self.bound.sweep(|| {
             let _removal = self.frozen.removal();
+            let before: usize = self.all_maps().map(Maps::len).sum();
             for maps in self.all_maps() {
                 maps.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
                 maps.multi.retain(|_, tats| latest(tats) > now);
             }
             let len: usize = self.all_maps().map(Maps::len).sum();
+            // Fresh states: forgetting them changes no decision.
+            telemetry::add(
+                "tollgate_memory_evictions_total",
+                &[("reason", "fresh")],
+                before.saturating_sub(len),
+            );
             let stamps = self.all_maps().flat_map(|maps| {
                 maps.map
                     .iter()
@@ -441,7 +449,17 @@ impl<C: Clock> Inner<C> {
                     maps.multi.retain(|_, tats| latest(tats) > threshold);
                 }
             }
-            self.all_maps().map(Maps::len).sum()
+            let left: usize = self.all_maps().map(Maps::len).sum();
+            // States that were not fresh yet: those clients get a fresh start, so many of
+            // these mean `max_keys` is too small.
+            telemetry::add(
+                "tollgate_memory_evictions_total",
+                &[("reason", "capacity")],
+                len.saturating_sub(left),
+            );
+            #[allow(clippy::cast_precision_loss)] // a gauge: exact to 2^53 keys
+            telemetry::gauge_unlabelled("tollgate_memory_keys", left as f64);
+            left
         });
     }
 }
