@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A source of "now" for a store, in microseconds since an epoch of the clock's choosing.
 ///
@@ -152,4 +152,15 @@ impl<C: Clock> Clock for Arc<C> {
     fn is_monotonic(&self) -> bool {
         (**self).is_monotonic()
     }
+}
+
+/// True at most once a second per `last` (microseconds since `started`; 0 = never).
+pub(crate) fn once_a_second(last: &AtomicU64, started: Instant) -> bool {
+    let now = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let before = last.load(Ordering::Relaxed);
+    if before != 0 && now.saturating_sub(before) < 1_000_000 {
+        return false;
+    }
+    last.compare_exchange(before, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
 }

@@ -13,6 +13,7 @@ use http::{HeaderMap, HeaderValue, Response};
 use tracing::Level;
 
 use crate::MemoryStore;
+use crate::clock::once_a_second;
 use crate::decision::{Decision, Outcome};
 use crate::error::StoreError;
 use crate::headers::{self, HeaderStyle, PolicyFields, ResetStyle};
@@ -465,17 +466,6 @@ impl fmt::Display for LogKey<'_> {
             write!(f, "fp:{}", self.key.fingerprint())
         }
     }
-}
-
-/// True at most once a second per `last` (microseconds since `started`; 0 = never).
-fn once_a_second(last: &AtomicU64, started: Instant) -> bool {
-    let now = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    let before = last.load(Ordering::Relaxed);
-    if before != 0 && now.saturating_sub(before) < 1_000_000 {
-        return false;
-    }
-    last.compare_exchange(before, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-        .is_ok()
 }
 
 /// Live counters of one layer, striped over cache lines: each thread counts in its own stripe,

@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use http::request::Parts;
 
+use crate::clock::once_a_second;
 use crate::error::{ConfigError, StoreError, StoreErrorKind};
 use crate::key::Key;
 use crate::quota::Quota;
@@ -234,14 +235,7 @@ impl Resolver {
     }
 
     fn warn_unknown(&self, name: &str) {
-        let now = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let last = self.last_warning.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 1_000_000)
-            && self
-                .last_warning
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if once_a_second(&self.last_warning, self.started) {
             tracing::warn!(
                 target: "tollgate::tier",
                 tier = %name.escape_default(),
@@ -496,14 +490,7 @@ impl Tiering {
         if tier.set == self.set {
             return tier.index();
         }
-        let now = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let last = self.last_warning.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 1_000_000)
-            && self
-                .last_warning
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if once_a_second(&self.last_warning, self.started) {
             tracing::warn!(
                 target: "tollgate::tier",
                 "the tier selector returned a tier of another Tiers set; the default tier applies \
