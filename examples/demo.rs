@@ -43,65 +43,75 @@ use tollgate::{
 #[command(name = "demo")]
 struct Args {
     /// Listen address.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:3000")]
+    #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
     /// Use RedisStore at this URL (needs --features redis); omitted: MemoryStore.
-    #[arg(long, value_name = "URL")]
+    #[arg(long = "redis-url", value_name = "URL")]
     redis_url: Option<String>,
     /// Global policy "default", e.g. 60/m.
-    #[arg(long, value_name = "RATE", default_value = "60/m")]
+    #[arg(long = "rate", value_name = "RATE", default_value = "60/m")]
     rate: Quota,
     /// Capacity of the global policy [default: its limit].
-    #[arg(long, value_name = "N")]
+    #[arg(long = "capacity", value_name = "N")]
     capacity: Option<u32>,
     /// Extra policy "expensive" on /api/expensive.
-    #[arg(long, value_name = "RATE", default_value = "5/m")]
+    #[arg(long = "expensive-rate", value_name = "RATE", default_value = "5/m")]
     expensive_rate: Quota,
     /// How clients are identified: ip | header:NAME | api-key-or-ip (API key from x-api-key,
     /// else the client IP).
-    #[arg(long, value_name = "KIND", default_value = "api-key-or-ip")]
+    #[arg(long = "key", value_name = "KIND", default_value = "api-key-or-ip")]
     key: String,
     /// Forwarding headers are honoured only from peers in this range (repeatable).
     #[arg(long = "trusted-proxy", value_name = "CIDR")]
     trusted_proxies: Vec<String>,
     /// What to do when the store fails.
-    #[arg(long, value_enum, value_name = "MODE", default_value = "open")]
+    #[arg(
+        long = "fail-mode",
+        value_enum,
+        value_name = "MODE",
+        default_value = "open"
+    )]
     fail_mode: Mode,
     /// With --fail-mode fallback, each server enforces limit/N locally.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long = "fallback-divisor", value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     fallback_divisor: u32,
     /// Store command timeout in milliseconds.
-    #[arg(long, value_name = "N", default_value_t = 50)]
+    #[arg(long = "store-timeout-ms", value_name = "N", default_value_t = 50)]
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     store_timeout_ms: u64,
     /// Rate-limit header fields: ietf | legacy | both | none.
-    #[arg(long, value_name = "STYLE", default_value = "ietf")]
+    #[arg(long = "headers", value_name = "STYLE", default_value = "ietf")]
     headers: HeaderStyle,
     /// Enables /admin/*, which then needs "Authorization: Bearer TOKEN".
-    #[arg(long, value_name = "TOKEN")]
+    #[arg(long = "admin-token", value_name = "TOKEN")]
     admin_token: Option<String>,
     /// Local deny cache in front of the shared store (Redis only).
-    #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
+    #[arg(
+        long = "deny-cache",
+        value_enum,
+        value_name = "on|off",
+        default_value = "on"
+    )]
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     deny_cache: OnOff,
     /// Circuit breaker FAILURES/COOLDOWN_MS, e.g. 3/1000, or off (Redis only).
-    #[arg(long, value_name = "SPEC", default_value = "3/1000", value_parser = parse_breaker)]
+    #[arg(long = "breaker", value_name = "SPEC", default_value = "3/1000", value_parser = parse_breaker)]
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     breaker: Breaker,
     /// Policy "multi" on GET /api/multi: comma-separated quotas, all checked in one atomic
     /// decision; a denial charges none of them.
-    #[arg(long, value_name = "LIST", default_value = "2/s,5/h", value_parser = parse_quota_list)]
+    #[arg(long = "multi-quotas", value_name = "LIST", default_value = "2/s,5/h", value_parser = parse_quota_list)]
     multi_quotas: QuotaList,
     /// Tiers of the global policy, e.g. "free=3/m,pro=10/m;capacity=20" (a tier of several
     /// quotas joins them with &); the first is the default tier, and each reports under its own
     /// name. Without it the global policy is --rate/--capacity.
-    #[arg(long, value_name = "LIST")]
+    #[arg(long = "tiers", value_name = "LIST")]
     tiers: Option<Tiers>,
     /// Identity ID (API key, else client IP) starts in TIER (repeatable; needs --tiers).
     #[arg(long = "tier-of", value_name = "ID=TIER", value_parser = parse_tier_of, requires = "tiers")]
     tier_of: Vec<(String, String)>,
     /// Serve GET /metrics (Prometheus text format) on ADDR (needs --features metrics).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long = "metrics-listen", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
 }
 
