@@ -11,7 +11,11 @@
 //! "expensive"), `GET /api/multi` (policy "multi": several quotas, one atomic decision),
 //! `GET /api/quota` (a peek at "default": cost 0, consumes nothing),
 //! `GET /healthz` (never limited), and with `--admin-token` `GET /admin/stats` and
-//! `POST /admin/reset/{identity}` (an API key or an IP address). `--help` lists the flags.
+//! `POST /admin/reset/{identity}` (an API key or an IP address), and with `--tiers`
+//! `POST /admin/tier/{identity}/{tier}`. `--help` explains the flags: `--listen`,
+//! `--redis-url`, `--rate`, `--capacity`, `--expensive-rate`, `--key`, `--trusted-proxy`,
+//! `--fail-mode`, `--fallback-divisor`, `--store-timeout-ms`, `--headers`, `--admin-token`,
+//! `--deny-cache`, `--breaker`, `--multi-quotas`, `--tiers`, `--tier-of`, `--metrics-listen`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
