@@ -209,7 +209,7 @@ fn next_state<S, St, K, R, ReqBody, ResBody>(
     shared: &Shared<St, K, R>,
     result: Result<Decision, StoreError>,
     inner: ReadyInner<'_, S>,
-    req: Request<ReqBody>,
+    mut req: Request<ReqBody>,
     key: &Key,
     cost: u32,
     tier: usize,
@@ -219,7 +219,6 @@ where
     St: Store,
     R: Rejector<ResBody>,
 {
-    let mut req = req;
     let entry = shared.tier(tier);
     match shared.verdict(result, entry, key, cost) {
         Verdict::Pass {
