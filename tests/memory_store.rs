@@ -70,7 +70,8 @@ fn threads_racing_on_one_key_never_over_admit() {
 }
 
 /// 1,000,000 distinct keys against a store bounded to 100,000: the map never grows past its
-/// bound (plus the batch being inserted), and recent heavy users survive eviction.
+/// bound (plus the 1/16 it may overshoot while its sweeper catches up), and recent heavy users
+/// survive eviction.
 #[test]
 fn a_million_distinct_keys_stay_bounded() {
     let max_keys = 100_000;
@@ -89,7 +90,14 @@ fn a_million_distinct_keys_stay_bounded() {
         }
     }
     peak = peak.max(store.len());
-    assert!(peak <= max_keys, "peak {peak} > max_keys {max_keys}");
+    // The store's sweeper thread makes room meanwhile. An insert that finds the store full
+    // evicts one of the entries closest to fresh that the last pass named; only while the
+    // sweeper is further behind than that (an unoptimised build inserts faster than it sweeps)
+    // does the store grow past its bound, never by more than 1/16 of it.
+    assert!(
+        peak <= max_keys + max_keys / 16,
+        "peak {peak} > max_keys {max_keys} + 1/16"
+    );
     assert!(
         store.len() > max_keys / 2,
         "eviction is in batches, not a wipe"
