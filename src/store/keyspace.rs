@@ -340,6 +340,12 @@ impl Sweeper {
         self.due.store(next.max(1), Ordering::Relaxed);
     }
 
+    /// Forgets the counts (after the maps were cleared).
+    pub(crate) fn reset(&self, max_keys: usize) {
+        self.len.store(0, Ordering::Relaxed);
+        self.passed(max_keys);
+    }
+
     /// The sweeper thread's handle, if it was started.
     #[cfg(test)]
     pub(crate) fn take_thread(&self) -> Option<std::thread::JoinHandle<()>> {
@@ -572,87 +578,6 @@ impl Plan {
             Verdict::Keep
         }
     }
-}
-
-/// Keeps a map bounded with work done by the inserting threads: a sweep (drop what is stale,
-/// then evict what is closest to stale if still full) runs when the map may be full, and
-/// otherwise after as many inserts as the map held at the last sweep, so its cost is amortised
-/// O(1) per insert. One sweeper at a time; other threads carry on meanwhile.
-#[derive(Debug)]
-pub(crate) struct Bound {
-    /// Fewest inserts between two automatic sweeps.
-    min_interval: usize,
-    /// Inserts since the last sweep, and the size the maps had after it: together an upper
-    /// bound on their size that costs no shard locks to read.
-    inserts: AtomicUsize,
-    swept_len: AtomicUsize,
-    sweeping: AtomicBool,
-}
-
-impl Bound {
-    pub(crate) fn new(min_interval: usize) -> Self {
-        Self {
-            min_interval,
-            inserts: AtomicUsize::new(0),
-            swept_len: AtomicUsize::new(0),
-            sweeping: AtomicBool::new(false),
-        }
-    }
-
-    /// An upper bound on the number of entries.
-    pub(crate) fn approx_len(&self) -> usize {
-        self.swept_len
-            .load(Ordering::Relaxed)
-            .saturating_add(self.inserts.load(Ordering::Relaxed))
-    }
-
-    /// Counts one insert; true when an amortised sweep is due.
-    pub(crate) fn note_insert(&self) -> bool {
-        let inserted = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
-        inserted
-            >= self
-                .swept_len
-                .load(Ordering::Relaxed)
-                .max(self.min_interval)
-    }
-
-    /// Runs `sweep` (which returns the entries left) unless another thread is sweeping.
-    pub(crate) fn sweep(&self, sweep: impl FnOnce() -> usize) {
-        if self.sweeping.swap(true, Ordering::Acquire) {
-            return;
-        }
-        let left = sweep();
-        self.swept_len.store(left, Ordering::Relaxed);
-        self.inserts.store(0, Ordering::Relaxed);
-        self.sweeping.store(false, Ordering::Release);
-    }
-
-    /// Forgets the counts (after the maps were cleared).
-    pub(crate) fn reset(&self) {
-        self.swept_len.store(0, Ordering::Relaxed);
-        self.inserts.store(0, Ordering::Relaxed);
-    }
-}
-
-/// For maps of `len` entries over `max_keys`: the time stamp at or below which entries must go
-/// to bring them 1/16 below `max_keys`, given every entry's latest time stamp (the smallest
-/// are closest to fresh). `None` when nothing needs evicting.
-pub(crate) fn eviction_threshold(
-    len: usize,
-    max_keys: usize,
-    latest: impl Iterator<Item = u64>,
-) -> Option<u64> {
-    if len < max_keys {
-        return None;
-    }
-    let target = max_keys.saturating_sub(max_keys / 16 + 1);
-    let excess = len - target.min(len);
-    let mut stamps: Vec<u64> = latest.collect();
-    if excess == 0 || excess > stamps.len() {
-        return None;
-    }
-    let (_, threshold, _) = stamps.select_nth_unstable(excess - 1);
-    Some(*threshold)
 }
 
 #[cfg(test)]
