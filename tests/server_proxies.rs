@@ -74,7 +74,10 @@ fn nginx_reports_the_original_request_so_policies_match_it() {
     for _ in 0..3 {
         let reply = get(addr, "/api/items", &[]);
         assert_eq!(reply.status, 200, "{reply:?}");
-        assert!(reply.header("ratelimit").is_none(), "not limited: {reply:?}");
+        assert!(
+            reply.header("ratelimit").is_none(),
+            "not limited: {reply:?}"
+        );
         assert_eq!(post("/other").status, 200);
     }
 }
@@ -88,12 +91,19 @@ fn two_nginx_and_two_tollgate_servers_on_one_redis_share_one_limit_exactly() {
          [[policy]]\nname = \"shared\"\nquota = \"10/h\"\n",
         redis.url()
     );
-    let (a, b) = (TollgateServer::start(&config), TollgateServer::start(&config));
+    let (a, b) = (
+        TollgateServer::start(&config),
+        TollgateServer::start(&config),
+    );
     let (nginx_a, nginx_b) = (start_nginx(a.addr), start_nginx(b.addr));
     let mut admitted = Vec::new();
     let mut denied = 0;
     for i in 0..24 {
-        let port = if i % 2 == 0 { nginx_a.port } else { nginx_b.port };
+        let port = if i % 2 == 0 {
+            nginx_a.port
+        } else {
+            nginx_b.port
+        };
         let reply = get(proxy_addr(port), "/", &[]);
         match reply.status {
             200 => admitted.push(reply.remaining().expect("RateLimit on 200")),
@@ -102,7 +112,11 @@ fn two_nginx_and_two_tollgate_servers_on_one_redis_share_one_limit_exactly() {
         }
     }
     admitted.sort_unstable();
-    assert_eq!(admitted, (0..10).collect::<Vec<u64>>(), "each remaining value once");
+    assert_eq!(
+        admitted,
+        (0..10).collect::<Vec<u64>>(),
+        "each remaining value once"
+    );
     assert_eq!(denied, 14);
 }
 

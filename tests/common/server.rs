@@ -74,7 +74,11 @@ pub fn free_port() -> u16 {
 pub struct Output(Arc<Mutex<String>>);
 
 impl Output {
-    fn collect(&self, stream: impl Read + Send + 'static, first_line: Option<std::sync::mpsc::Sender<String>>) {
+    fn collect(
+        &self,
+        stream: impl Read + Send + 'static,
+        first_line: Option<std::sync::mpsc::Sender<String>>,
+    ) {
         let out = self.clone();
         std::thread::spawn(move || {
             let mut first_line = first_line;
@@ -317,7 +321,11 @@ pub fn start_nginx(tollgate: SocketAddr) -> Proxy {
     let dir = temp_dir("nginx");
     let (port, upstream) = (free_port(), free_port());
     let d = dir.display();
-    let user = if running_as_root() { "user root;\n" } else { "" };
+    let user = if running_as_root() {
+        "user root;\n"
+    } else {
+        ""
+    };
     let conf = format!(
         "{user}worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          events {{ worker_connections 512; }}\n\
@@ -341,7 +349,12 @@ pub fn start_nginx(tollgate: SocketAddr) -> Proxy {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}; apt-get install -y nginx", bin.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e}; apt-get install -y nginx",
+                bin.display()
+            )
+        });
     finish_proxy(child, port, dir, log, &[upstream])
 }
 
@@ -380,7 +393,12 @@ pub fn start_caddy(tollgate: SocketAddr) -> Proxy {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}; apt-get install -y caddy", bin.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e}; apt-get install -y caddy",
+                bin.display()
+            )
+        });
     finish_proxy(child, port, dir, log, &[upstream])
 }
 
@@ -486,9 +504,9 @@ pub fn read_reply(stream: &mut TcpStream) -> std::io::Result<Reply> {
             body.truncate(len);
         }
         None => {
-            let chunked = headers.iter().any(|(n, v)| {
-                n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")
-            });
+            let chunked = headers
+                .iter()
+                .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
             if !chunked {
                 stream.read_to_end(&mut body)?;
             } else {
@@ -514,11 +532,8 @@ pub fn read_reply(stream: &mut TcpStream) -> std::io::Result<Reply> {
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(
-            String::from_utf8_lossy(&data[..line_end]).trim(),
-            16,
-        )
-        .unwrap_or(0);
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..line_end]).trim(), 16)
+            .unwrap_or(0);
         if size == 0 {
             break;
         }

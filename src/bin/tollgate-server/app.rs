@@ -19,7 +19,9 @@ use tollgate::{
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
-use crate::config::{Clients, Config, KeyKind, Limit, Matcher, PolicyConfig, StoreConfig, StoreKind};
+use crate::config::{
+    Clients, Config, KeyKind, Limit, Matcher, PolicyConfig, StoreConfig, StoreKind,
+};
 
 /// The body of every answer.
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -232,7 +234,8 @@ impl Matcher {
     /// The policy applies to this request.
     pub(crate) fn matches(&self, original: &Original) -> bool {
         let method = original.method.as_bytes();
-        let methods = self.methods.is_empty() || self.methods.iter().any(|m| m.as_bytes() == method);
+        let methods =
+            self.methods.is_empty() || self.methods.iter().any(|m| m.as_bytes() == method);
         let hosts = self.hosts.is_empty()
             || original.host().is_some_and(|host| {
                 self.hosts
@@ -519,7 +522,10 @@ mod tests {
         assert_eq!(original("http://h:1/api#f", None).path(), b"/api");
         assert_eq!(original("http://h", None).path(), b"/");
         assert_eq!(original("/a?b=http://c/d", None).path(), b"/a");
-        assert_eq!(original("/", Some("Api.Example.com:8080")).host(), Some(&b"Api.Example.com"[..]));
+        assert_eq!(
+            original("/", Some("Api.Example.com:8080")).host(),
+            Some(&b"Api.Example.com"[..])
+        );
         assert_eq!(original("/", Some("[::1]:80")).host(), Some(&b"[::1]"[..]));
         let m = Matcher {
             hosts: vec!["api.example.com".into()],

@@ -92,9 +92,17 @@ pub(crate) struct StoreConfig {
 /// `Redis` and `Cluster` once the library's Sentinel support lands: same `RedisOptions`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StoreKind {
-    Memory { max_keys: usize },
-    Redis { url: String, options: RedisOptions },
-    Cluster { nodes: Vec<String>, options: RedisOptions },
+    Memory {
+        max_keys: usize,
+    },
+    Redis {
+        url: String,
+        options: RedisOptions,
+    },
+    Cluster {
+        nodes: Vec<String>,
+        options: RedisOptions,
+    },
 }
 
 impl StoreKind {
@@ -747,7 +755,11 @@ fn clients(at: &Locator<'_>, raw: &RawClients) -> Result<Clients, ConfigFileErro
             })?;
         trusted_proxies.push(net);
     }
-    let ip_header = match raw.ip_header.as_ref().map(|h| (h.get_ref().to_ascii_lowercase(), h)) {
+    let ip_header = match raw
+        .ip_header
+        .as_ref()
+        .map(|h| (h.get_ref().to_ascii_lowercase(), h))
+    {
         None => ForwardedHeader::XRealIp,
         Some((name, h)) => match name.as_str() {
             "x-real-ip" => ForwardedHeader::XRealIp,
@@ -788,16 +800,11 @@ fn clients(at: &Locator<'_>, raw: &RawClients) -> Result<Clients, ConfigFileErro
 }
 
 fn quota(at: &Locator<'_>, q: &Spanned<String>, field: &str) -> Result<Quota, ConfigFileError> {
-    q.get_ref().trim().parse::<Quota>().map_err(|e| {
-        at.at(
-            q.span(),
-            field,
-            format!(
-                "{:?} is not a quota ({e}); write LIMIT/PERIOD, e.g. \"60/m\", \"10/s;capacity=20\", \"5/30s\"",
-                q.get_ref()
-            ),
-        )
-    })
+    // The quota's own error says what is wrong and what to write.
+    q.get_ref()
+        .trim()
+        .parse::<Quota>()
+        .map_err(|e| at.at(q.span(), field, e.to_string()))
 }
 
 fn header_name(
@@ -841,24 +848,33 @@ fn policy(
                 ),
             )
         })?;
-    let given: Vec<&str> = [
-        raw.quota.as_ref().map(|_| "quota"),
-        raw.quotas.as_ref().map(|_| "quotas"),
-        raw.tiers.as_ref().map(|_| "tiers"),
+    let given: Vec<(&str, Range<usize>)> = [
+        raw.quota.as_ref().map(|q| ("quota", q.span())),
+        raw.quotas.as_ref().map(|q| ("quotas", q.span())),
+        raw.tiers.as_ref().map(|t| ("tiers", t.span())),
     ]
     .into_iter()
     .flatten()
     .collect();
-    if given.len() != 1 {
-        let message = if given.is_empty() {
-            "this policy has no limit; add quota = \"60/m\" (or quotas = [\"10/s\", \"1000/h\"], or tiers = \"free=60/m,pro=600/m\")".to_owned()
-        } else {
-            format!(
-                "give exactly one of quota, quotas, tiers; this policy has {}",
-                given.join(" and ")
-            )
-        };
-        return Err(at.at(name.span(), &field("quota"), message));
+    match given.as_slice() {
+        [] => {
+            return Err(at.at(
+                name.span(),
+                &field("quota"),
+                "this policy has no limit; add quota = \"60/m\" (or quotas = [\"10/s\", \"1000/h\"], or tiers = \"free=60/m,pro=600/m\")",
+            ));
+        }
+        [_] => {}
+        [(first, _), (second, span), ..] => {
+            return Err(at.at(
+                span.clone(),
+                &field(second),
+                format!(
+                    "give exactly one of quota, quotas, tiers; this policy has {first} and {second}: \
+                     remove one (several quotas go into one list: quotas = [\"10/s\", \"1000/h\"])"
+                ),
+            ));
+        }
     }
     if raw.tiers.is_none() {
         for (set, what) in [
@@ -887,7 +903,10 @@ fn policy(
             .map_err(|e| at.at(list.span(), &field("quotas"), e.to_string()))?;
         Limit::Quotas(quotas)
     } else {
-        let t = raw.tiers.as_ref().unwrap_or_else(|| unreachable!("one of the three is given"));
+        let t = raw
+            .tiers
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("one of the three is given"));
         let tiers = t.get_ref().parse::<Tiers>().map_err(|e| {
             at.at(
                 t.span(),
@@ -897,7 +916,13 @@ fn policy(
         })?;
         let header = match &raw.tier_header {
             None => None,
-            Some(h) => Some(header_name(at, h.get_ref(), h.span(), &field("tier_header"), "x-tier")?),
+            Some(h) => Some(header_name(
+                at,
+                h.get_ref(),
+                h.span(),
+                &field("tier_header"),
+                "x-tier",
+            )?),
         };
         let mut assigned = BTreeMap::new();
         if let Some(map) = &raw.tier_of {
@@ -932,9 +957,21 @@ fn policy(
             if text == "ip" {
                 KeyKind::Ip
             } else if let Some(h) = text.strip_prefix("header:") {
-                KeyKind::Header(header_name(at, h, k.span(), &field("key"), "header:x-api-key")?)
+                KeyKind::Header(header_name(
+                    at,
+                    h,
+                    k.span(),
+                    &field("key"),
+                    "header:x-api-key",
+                )?)
             } else if let Some(h) = text.strip_prefix("header-or-ip:") {
-                KeyKind::HeaderOrIp(header_name(at, h, k.span(), &field("key"), "header-or-ip:x-api-key")?)
+                KeyKind::HeaderOrIp(header_name(
+                    at,
+                    h,
+                    k.span(),
+                    &field("key"),
+                    "header-or-ip:x-api-key",
+                )?)
             } else {
                 return Err(at.at(
                     k.span(),
@@ -962,7 +999,10 @@ fn policy(
             return Err(at.at(
                 m.span(),
                 &field(&format!("methods[{j}]")),
-                format!("{:?} is not an HTTP method; write e.g. \"GET\" or \"POST\"", m.get_ref()),
+                format!(
+                    "{:?} is not an HTTP method; write e.g. \"GET\" or \"POST\"",
+                    m.get_ref()
+                ),
             ));
         }
         matcher.methods.push(method);
@@ -972,7 +1012,10 @@ fn policy(
             return Err(at.at(
                 p.span(),
                 &field(&format!("path_prefixes[{j}]")),
-                format!("{:?} does not start with /; write e.g. \"/api/\"", p.get_ref()),
+                format!(
+                    "{:?} does not start with /; write e.g. \"/api/\"",
+                    p.get_ref()
+                ),
             ));
         }
         matcher.path_prefixes.push(p.get_ref().clone());
@@ -998,7 +1041,12 @@ mod tests {
     fn sample_config_parses() {
         let text = include_str!("../../../examples/tollgate.toml");
         let config = parse(Path::new("examples/tollgate.toml"), text).expect("the sample works");
-        assert_eq!(config.store.kind, StoreKind::Memory { max_keys: 1_000_000 });
+        assert_eq!(
+            config.store.kind,
+            StoreKind::Memory {
+                max_keys: 1_000_000
+            }
+        );
         assert_eq!(config.policies.len(), 1);
         assert_eq!(config.clients.ip_header, ForwardedHeader::XRealIp);
     }
@@ -1008,7 +1056,11 @@ mod tests {
         let e = err("[[policy]]\nname = \"api\"\nquota = \"60/x\"\n");
         assert_eq!((e.line, e.column), (3, 9), "{e}");
         assert_eq!(e.field, "policy[0].quota");
-        assert!(e.to_string().starts_with("t.toml:3:9: policy[0].quota: \"60/x\" is not a quota"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("t.toml:3:9: policy[0].quota: \"60/x\" is not a quota"),
+            "{e}"
+        );
         let e = err("[store]\nkind = \"memcached\"\n[[policy]]\nname = \"a\"\nquota = \"1/s\"\n");
         assert_eq!((e.line, e.field.as_str()), (2, "store.kind"), "{e}");
         let e = err("[[policy]]\nname = \"a\"\nquota = \"1/s\"\nquotaa = 3\n");

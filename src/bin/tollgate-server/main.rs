@@ -71,7 +71,10 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -106,7 +109,12 @@ async fn run(args: Args, config: config::Config) -> ExitCode {
         }
     };
     let addr = listener.local_addr().unwrap_or(listen);
-    let names: Vec<String> = generation.config.policies.iter().map(|p| p.name.clone()).collect();
+    let names: Vec<String> = generation
+        .config
+        .policies
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
     println!(
         "tollgate-server listening on http://{addr} (store: {}, policies: {})",
         generation.store.config.kind.name(),

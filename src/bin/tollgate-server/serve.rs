@@ -222,11 +222,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Re
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/healthz") => healthz(shared).await,
         (&Method::GET, "/metrics") => match &shared.metrics {
-            Some(handle) => text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                handle.render(),
-            ),
+            Some(handle) => text(StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
             None => text(StatusCode::NOT_FOUND, "text/plain", "no metrics\n".into()),
         },
         _ => text(
