@@ -253,6 +253,9 @@ fn hostile_headers_are_answered_cleanly() {
     assert_eq!(reply.status, 404);
 }
 
+/// When a request was answered, and its status or error.
+type Answer = (Instant, Result<u16, String>);
+
 fn config_with(load_quota: &str) -> String {
     format!(
         "{LOOPBACK_TRUSTED}\
@@ -278,7 +281,7 @@ fn reload_under_load_applies_the_new_quota_within_a_second_without_errors() {
 
     // Four clients on keep-alive connections, each its own address.
     let stop = Arc::new(AtomicBool::new(false));
-    let log: Arc<Mutex<Vec<(Instant, Result<u16, String>)>>> = Arc::default();
+    let log: Arc<Mutex<Vec<Answer>>> = Arc::default();
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let (stop, log) = (Arc::clone(&stop), Arc::clone(&log));
