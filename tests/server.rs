@@ -573,3 +573,18 @@ fn sigterm_stops_gracefully_and_metrics_count_decisions() {
         "no longer listening"
     );
 }
+
+#[test]
+fn the_readme_shows_the_sample_config_and_the_tested_snippets_as_they_are() {
+    let readme = include_str!("../README.md");
+    for (name, text) in [
+        ("examples/tollgate.toml", include_str!("../examples/tollgate.toml")),
+        ("docs/nginx-tollgate.conf", include_str!("../docs/nginx-tollgate.conf")),
+        ("docs/Caddyfile.tollgate", include_str!("../docs/Caddyfile.tollgate")),
+    ] {
+        assert!(readme.contains(text), "README.md must show {name} as it is");
+    }
+    assert!(readme.contains(
+        "cargo run --features server --bin tollgate-server -- --config examples/tollgate.toml"
+    ));
+}
