@@ -588,3 +588,36 @@ fn the_readme_shows_the_sample_config_and_the_tested_snippets_as_they_are() {
         "cargo run --features server --bin tollgate-server -- --config examples/tollgate.toml"
     ));
 }
+
+#[test]
+fn tiers_from_a_trusted_header_or_the_file() {
+    let config = format!(
+        "{LOOPBACK_TRUSTED}[[policy]]\nname = \"plans\"\ntiers = \"free=2/m,pro=10/m\"\n\
+         tier_header = \"x-tier\"\nkey = \"header-or-ip:x-api-key\"\n\
+         tier_of = {{ \"key-of-a-pro\" = \"pro\" }}\n"
+    );
+    let server = TollgateServer::start(&config);
+    let policy = |reply: &Reply| reply.header("ratelimit-policy").map(str::to_owned);
+    let free = get(server.addr, "/check", &[("X-Api-Key", "k1")]);
+    assert_eq!(policy(&free).as_deref(), Some("\"free\";q=2;w=60"), "{free:?}");
+    let by_header = get(server.addr, "/check", &[("X-Api-Key", "k2"), ("X-Tier", "pro")]);
+    assert_eq!(policy(&by_header).as_deref(), Some("\"pro\";q=10;w=60"), "{by_header:?}");
+    let by_file = get(server.addr, "/check", &[("X-Api-Key", "key-of-a-pro")]);
+    assert_eq!(policy(&by_file).as_deref(), Some("\"pro\";q=10;w=60"), "{by_file:?}");
+    let unknown = get(server.addr, "/check", &[("X-Api-Key", "k3"), ("X-Tier", "platinum")]);
+    assert_eq!(policy(&unknown).as_deref(), Some("\"free\";q=2;w=60"), "{unknown:?}");
+    // The key never shows in the logs.
+    assert!(!server.stderr.text().contains("key-of-a-pro"));
+}
+
+#[test]
+fn check_validates_the_file_and_exits() {
+    let out = std::process::Command::new(common::server::server_binary())
+        .args(["--check", "--config"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tollgate.toml"))
+        .output()
+        .expect("run --check");
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("tollgate.toml: ok (store: memory, policies: default)"), "{stdout}");
+}
