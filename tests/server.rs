@@ -424,8 +424,10 @@ fn connections_that_never_finish_their_headers_are_closed_after_the_timeout() {
     );
     let server = TollgateServer::start(&config);
     let started = Instant::now();
+    // Fifty that begin a head and never finish it, ten that never send a byte.
     let mut slow: Vec<TcpStream> = (0..50)
         .map(|_| connect(server.addr, b"GET /check HTTP/1.1\r\nHost: x\r\nX-Slow: "))
+        .chain((0..10).map(|_| connect(server.addr, b"")))
         .collect();
     // A few dribble one byte every 100 ms, as slowloris does.
     for _ in 0..3 {
@@ -481,6 +483,28 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
         assert_eq!(read_reply(&mut busy).expect("busy reply").status, 200);
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn idle_keep_alive_connections_outlive_the_header_read_timeout() {
+    // Proxies keep idle upstream connections open: only the idle timeout closes them.
+    let config = format!(
+        "{LOOPBACK_TRUSTED}[http]\nheader_read_timeout_ms = 300\nidle_timeout_ms = 5000\n\
+         [[policy]]\nname = \"p\"\nquota = \"100/s\"\n"
+    );
+    let server = TollgateServer::start(&config);
+    let mut conn = connect(server.addr, b"GET /check HTTP/1.1\r\nHost: x\r\n\r\n");
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(read_reply(&mut conn).expect("first").status, 200);
+    std::thread::sleep(Duration::from_millis(900));
+    conn.write_all(b"GET /check HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let second = read_reply(&mut conn).expect("the same connection, 900 ms later");
+    assert_eq!(second.status, 200);
+    // Its next head, begun and never finished, is still timed.
+    conn.write_all(b"GET /check HTTP/1.1\r\n").unwrap();
+    let closed = closed_after(&mut conn, Duration::from_secs(3)).expect("closed mid-head");
+    assert!(closed >= Duration::from_millis(200), "{closed:?}");
 }
 
 #[test]
@@ -578,9 +602,18 @@ fn sigterm_stops_gracefully_and_metrics_count_decisions() {
 fn the_readme_shows_the_sample_config_and_the_tested_snippets_as_they_are() {
     let readme = include_str!("../README.md");
     for (name, text) in [
-        ("examples/tollgate.toml", include_str!("../examples/tollgate.toml")),
-        ("docs/nginx-tollgate.conf", include_str!("../docs/nginx-tollgate.conf")),
-        ("docs/Caddyfile.tollgate", include_str!("../docs/Caddyfile.tollgate")),
+        (
+            "examples/tollgate.toml",
+            include_str!("../examples/tollgate.toml"),
+        ),
+        (
+            "docs/nginx-tollgate.conf",
+            include_str!("../docs/nginx-tollgate.conf"),
+        ),
+        (
+            "docs/Caddyfile.tollgate",
+            include_str!("../docs/Caddyfile.tollgate"),
+        ),
     ] {
         assert!(readme.contains(text), "README.md must show {name} as it is");
     }
@@ -599,13 +632,37 @@ fn tiers_from_a_trusted_header_or_the_file() {
     let server = TollgateServer::start(&config);
     let policy = |reply: &Reply| reply.header("ratelimit-policy").map(str::to_owned);
     let free = get(server.addr, "/check", &[("X-Api-Key", "k1")]);
-    assert_eq!(policy(&free).as_deref(), Some("\"free\";q=2;w=60"), "{free:?}");
-    let by_header = get(server.addr, "/check", &[("X-Api-Key", "k2"), ("X-Tier", "pro")]);
-    assert_eq!(policy(&by_header).as_deref(), Some("\"pro\";q=10;w=60"), "{by_header:?}");
+    assert_eq!(
+        policy(&free).as_deref(),
+        Some("\"free\";q=2;w=60"),
+        "{free:?}"
+    );
+    let by_header = get(
+        server.addr,
+        "/check",
+        &[("X-Api-Key", "k2"), ("X-Tier", "pro")],
+    );
+    assert_eq!(
+        policy(&by_header).as_deref(),
+        Some("\"pro\";q=10;w=60"),
+        "{by_header:?}"
+    );
     let by_file = get(server.addr, "/check", &[("X-Api-Key", "key-of-a-pro")]);
-    assert_eq!(policy(&by_file).as_deref(), Some("\"pro\";q=10;w=60"), "{by_file:?}");
-    let unknown = get(server.addr, "/check", &[("X-Api-Key", "k3"), ("X-Tier", "platinum")]);
-    assert_eq!(policy(&unknown).as_deref(), Some("\"free\";q=2;w=60"), "{unknown:?}");
+    assert_eq!(
+        policy(&by_file).as_deref(),
+        Some("\"pro\";q=10;w=60"),
+        "{by_file:?}"
+    );
+    let unknown = get(
+        server.addr,
+        "/check",
+        &[("X-Api-Key", "k3"), ("X-Tier", "platinum")],
+    );
+    assert_eq!(
+        policy(&unknown).as_deref(),
+        Some("\"free\";q=2;w=60"),
+        "{unknown:?}"
+    );
     // The key never shows in the logs.
     assert!(!server.stderr.text().contains("key-of-a-pro"));
 }
@@ -619,5 +676,8 @@ fn check_validates_the_file_and_exits() {
         .expect("run --check");
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("tollgate.toml: ok (store: memory, policies: default)"), "{stdout}");
+    assert!(
+        stdout.contains("tollgate.toml: ok (store: memory, policies: default)"),
+        "{stdout}"
+    );
 }

@@ -1,12 +1,11 @@
-//! The network side: accepting under a connection cap, hyper's HTTP/1 with a header-read
-//! timeout and a header size limit, an idle timeout per connection, the routes, graceful
-//! shutdown.
+//! The network side: accepting under a connection cap, hyper's HTTP/1 with a header size
+//! limit, a header-read and an idle timeout per connection, the routes, graceful shutdown.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -83,7 +82,14 @@ pub(crate) async fn run(
     Ok(())
 }
 
-/// Serves one connection until it closes, its idle timeout passes, or the server shuts down.
+/// Serves one connection until it closes, a timeout passes, or the server shuts down.
+///
+/// The header-read timeout runs from the accept, and then from the first byte of each next
+/// request, until hyper hands the request head over: a connection that never finishes a head
+/// is dropped when it passes, however it dribbles. (hyper's own `header_read_timeout` also
+/// runs while a keep-alive connection waits for its next request, which would close every
+/// proxy's idle upstream connection after a few seconds; so it is off, and timed here.) The
+/// idle timeout runs while no request is in progress and no byte moves.
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -91,63 +97,141 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limits = shared.live.load().config.http;
-    let epoch = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
+    let clock = Arc::new(Clock {
+        epoch: Instant::now(),
+        last: AtomicU64::new(0),
+        // The first head is due from the accept on.
+        head_since: AtomicU64::new(1),
+        in_request: AtomicBool::new(false),
+        head_started: tokio::sync::Notify::new(),
+    });
     let io = TokioIo::new(Activity {
         inner: stream,
-        last: Arc::clone(&last),
-        epoch,
+        clock: Arc::clone(&clock),
     });
+    let service_clock = Arc::clone(&clock);
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(req, peer, &shared).await) }
+        let clock = Arc::clone(&service_clock);
+        clock.request_started();
+        async move {
+            let response = handle(req, peer, &shared).await;
+            clock.request_done();
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+    http.header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_header_size(limits.max_header_bytes);
     let conn = http.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
-    let mut closing = false;
-    let mut deadline = tokio::time::Instant::now() + limits.idle_timeout;
+    let mut closing: Option<tokio::time::Instant> = None;
     loop {
+        let deadline = match closing {
+            Some(deadline) => deadline,
+            None => match clock.due(limits.header_read_timeout, limits.idle_timeout) {
+                Ok(deadline) => tokio::time::Instant::from_std(deadline),
+                // Past the header-read or the idle timeout: dropping the connection closes it.
+                Err(Expired) => return,
+            },
+        };
         tokio::select! {
             _ = conn.as_mut() => return,
-            () = tokio::time::sleep_until(deadline), if !closing => {
-                let idle_since = epoch + Duration::from_millis(last.load(Ordering::Relaxed));
-                let idle_until = tokio::time::Instant::from_std(idle_since + limits.idle_timeout);
-                if idle_until <= tokio::time::Instant::now() {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                    // A connection that does not finish promptly once asked is dropped.
-                    deadline = tokio::time::Instant::now() + limits.header_read_timeout;
-                } else {
-                    deadline = idle_until;
+            () = tokio::time::sleep_until(deadline) => {
+                if closing.is_some() {
+                    return;
                 }
             }
-            () = tokio::time::sleep_until(deadline), if closing => return,
-            _ = shutdown.changed(), if !closing => {
-                closing = true;
+            () = clock.head_started.notified(), if closing.is_none() => {}
+            _ = shutdown.changed(), if closing.is_none() => {
                 conn.as_mut().graceful_shutdown();
-                deadline = tokio::time::Instant::now() + limits.shutdown_timeout;
+                closing = Some(tokio::time::Instant::now() + limits.shutdown_timeout);
             }
         }
     }
 }
 
-/// A stream that records when it last moved bytes, for the idle timeout.
-struct Activity {
-    inner: TcpStream,
-    last: Arc<AtomicU64>,
+/// A connection's timers: when it last moved a byte, whether a request head is on its way
+/// (and since when), whether a request is being answered.
+struct Clock {
     epoch: Instant,
+    /// Milliseconds since `epoch` of the last byte read or written.
+    last: AtomicU64,
+    /// 1 + milliseconds since `epoch` when the current request head began; 0 for none.
+    head_since: AtomicU64,
+    /// hyper has handed a request over and its answer is not ready yet.
+    in_request: AtomicBool,
+    /// Wakes the connection's watchdog when a head begins, so its timer is looked at.
+    head_started: tokio::sync::Notify,
 }
 
-impl Activity {
-    fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
+/// A timeout has passed.
+struct Expired;
+
+impl Clock {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
+
+    fn read_some(&self) {
+        let now = self.now_ms();
+        self.last.store(now, Ordering::Relaxed);
+        if !self.in_request.load(Ordering::Relaxed) {
+            // The first byte of the next request head starts its timer (once).
+            let started = self
+                .head_since
+                .compare_exchange(0, now + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+            if started {
+                self.head_started.notify_one();
+            }
+        }
+    }
+
+    fn wrote_some(&self) {
+        self.last.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn request_started(&self) {
+        self.in_request.store(true, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
+    }
+
+    fn request_done(&self) {
+        self.last.store(self.now_ms(), Ordering::Relaxed);
+        self.in_request.store(false, Ordering::Relaxed);
+    }
+
+    /// When to look again, or `Expired` when a timeout has passed.
+    fn due(&self, header_read: Duration, idle: Duration) -> Result<Instant, Expired> {
+        let now = self.now_ms();
+        let at = |ms: u64| self.epoch + Duration::from_millis(ms);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let mut next = now.saturating_add(ms(idle));
+        let head_since = self.head_since.load(Ordering::Relaxed);
+        if head_since != 0 {
+            let head_due = (head_since - 1).saturating_add(ms(header_read));
+            if now >= head_due {
+                return Err(Expired);
+            }
+            next = next.min(head_due);
+        }
+        if !self.in_request.load(Ordering::Relaxed) {
+            let idle_due = self.last.load(Ordering::Relaxed).saturating_add(ms(idle));
+            if now >= idle_due {
+                return Err(Expired);
+            }
+            next = next.min(idle_due);
+        }
+        Ok(at(next))
+    }
+}
+
+/// A stream that tells its connection's [`Clock`] when bytes move.
+struct Activity {
+    inner: TcpStream,
+    clock: Arc<Clock>,
 }
 
 impl AsyncRead for Activity {
@@ -159,7 +243,7 @@ impl AsyncRead for Activity {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.touch();
+            self.clock.read_some();
         }
         polled
     }
@@ -173,7 +257,7 @@ impl AsyncWrite for Activity {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.clock.wrote_some();
         }
         polled
     }
@@ -185,7 +269,7 @@ impl AsyncWrite for Activity {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.clock.wrote_some();
         }
         polled
     }
