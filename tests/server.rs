@@ -77,7 +77,7 @@ fn config_errors_name_file_line_field_and_the_fix() {
         ),
         (
             format!("{policy}quotaa = 3\n"),
-            ":4:1: unknown field `quotaa`",
+            ":4:1: quotaa: unknown field `quotaa`",
             "expected one of",
         ),
         (

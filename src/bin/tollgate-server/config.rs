@@ -336,7 +336,19 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigFileError> 
     let at = Locator { file, text };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        at.at(span, "", e.message().trim_end().to_owned())
+        let mut error = at.at(span, "", e.message().trim_end().to_owned());
+        // A wrong value (say a string for a number) is reported with the key of its line.
+        if let Some((key, _)) = text
+            .lines()
+            .nth(error.line.saturating_sub(1))
+            .and_then(|l| l.split_once('='))
+        {
+            let key = key.trim();
+            if !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                error.field = key.to_owned();
+            }
+        }
+        error
     })?;
     let listen = match &raw.listen {
         None => DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!()),
@@ -1066,5 +1078,9 @@ mod tests {
         let e = err("[[policy]]\nname = \"a\"\nquota = \"1/s\"\nquotaa = 3\n");
         assert_eq!(e.line, 4, "{e}");
         assert!(e.message.contains("quotaa"), "{e}");
+        let e =
+            err("[http]\nidle_timeout_ms = \"60s\"\n[[policy]]\nname = \"a\"\nquota = \"1/s\"\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "idle_timeout_ms"), "{e}");
+        assert!(e.message.contains("expected u64"), "{e}");
     }
 }
