@@ -217,6 +217,8 @@ impl Drop for TollgateServer {
         let _ = self.child.wait();
         if std::thread::panicking() {
             eprintln!("--- tollgate-server stderr ---\n{}", self.stderr.text());
+        } else {
+            let _ = std::fs::remove_dir_all(&self._dir);
         }
     }
 }
@@ -249,6 +251,7 @@ pub fn refuse(config: &str) -> (Option<i32>, String, PathBuf) {
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = child.wait_with_output().expect("output");
+    let _ = std::fs::remove_dir_all(&dir);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -276,6 +279,8 @@ impl Drop for Proxy {
                 self.dir.display(),
                 self.output.text()
             );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
