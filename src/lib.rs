@@ -36,6 +36,7 @@
 //! | `redis-cluster` | no | `RedisStore` on Redis Cluster |
 //! | `metrics` | no | counters and histograms per policy through the `metrics` facade ([`telemetry`]) |
 //! | `test-util` | no | `store::conformance`: the checks every [`Store`] passes, for stores of your own |
+//! | `server` | no | the `tollgate-server` binary: rate-limit decisions for nginx, Caddy, Traefik and Envoy (implies `metrics`, `redis`, `serde`) |
 //!
 //! ## Semantics
 //! A quota of `limit` per `period` with `capacity` B has emission interval `T = period / limit`.

@@ -5,3 +5,5 @@ pub mod demo;
 pub mod http;
 pub mod logs;
 pub mod redis;
+#[cfg(feature = "server")]
+pub mod server;
