@@ -32,6 +32,12 @@ pub enum RedisConfigError {
         /// The value given.
         value: Duration,
     },
+    /// A batch bound of zero.
+    #[error("the Redis store's {which} must be at least 1 (max_batch(1) turns group commit off)")]
+    ZeroBatchBound {
+        /// `"max_batch"` or `"max_batch_bytes"`.
+        which: &'static str,
+    },
     /// A cluster constructor was given no node.
     #[error("a Redis Cluster store needs at least one node URL")]
     NoClusterNodes,
