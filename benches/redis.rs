@@ -463,14 +463,19 @@ async fn multi_quota(
     );
 }
 
-/// Redis's own CPU for the commands since the last `CONFIG RESETSTAT`: the sum of
-/// `INFO commandstats` usec over every command but the bench's own `INFO`/`CONFIG`.
+/// Redis's own CPU for the decisions since the last `CONFIG RESETSTAT`: the `INFO
+/// commandstats` usec of the commands clients send to decide (`EVALSHA`, `EVAL`,
+/// `CL.THROTTLE`). The commands a script calls are listed too, but their time is already part
+/// of the script's, so they are not added.
 fn commandstats_usec(server: &RedisServer) -> f64 {
     let stats = server.cli(&["INFO", "commandstats"]);
     stats
         .lines()
-        .filter(|l| l.starts_with("cmdstat_"))
-        .filter(|l| !l.starts_with("cmdstat_info:") && !l.starts_with("cmdstat_config"))
+        .filter(|l| {
+            ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_cl.throttle:"]
+                .iter()
+                .any(|c| l.starts_with(c))
+        })
         .filter_map(|l| {
             l.split("usec=")
                 .nth(1)?
@@ -640,8 +645,15 @@ async fn group_commit(server: &RedisServer, cell: bool, rounds: usize, secs: f64
     println!(
         "## Group commit: round | in flight | client | decisions/s | p50 | Redis commandstats us/decision | redis-server CPU us/decision"
     );
+    let wanted: Vec<usize> = std::env::var("BENCH_INFLIGHT")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 128]);
     for round in 0..rounds {
         for (ci, inflight) in [1usize, 16, 128].into_iter().enumerate() {
+            if !wanted.contains(&inflight) {
+                continue;
+            }
             let mut order = names.clone();
             order.rotate_left(round % names.len());
             for name in order {
@@ -692,6 +704,9 @@ async fn group_commit(server: &RedisServer, cell: bool, rounds: usize, secs: f64
     let proc_cpu: fn(&Measured) -> f64 = |m| m.server_us;
     let p50: fn(&Measured) -> f64 = |m| m.p50.as_secs_f64();
     for (ci, inflight) in [1, 16, 128].into_iter().enumerate() {
+        if !wanted.contains(&inflight) {
+            continue;
+        }
         let abs = |name: &str, f: fn(&Measured) -> f64| -> Vec<f64> {
             got[ci]
                 .get(name)

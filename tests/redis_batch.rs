@@ -126,8 +126,8 @@ fn mixed_requests(count: usize) -> Vec<(Policy, Key, u32)> {
         .collect()
 }
 
-/// What a comparison looks at: every number that does not move with the few milliseconds
-/// between two runs on quotas of hours (retry_after is compared within a second).
+/// What a comparison looks at: every number that does not move with the second or so between
+/// two runs on quotas of hours (retry_after is compared within the runs' length).
 fn summary(d: &Decision) -> (Outcome, u32, Vec<u32>) {
     let per_quota = d.per_quota().iter().map(Decision::remaining).collect();
     (d.outcome(), d.remaining(), per_quota)
@@ -155,9 +155,12 @@ async fn each_request_gets_its_own_decision_exactly_as_one_call_each() {
 
     assert_eq!(server.cli(&["CONFIG", "RESETSTAT"]).trim(), "OK");
     let mut want = Vec::with_capacity(requests.len());
+    let started = Instant::now();
     for (p, k, cost) in &requests {
         want.push(single.check(p, k, *cost).await);
     }
+    // The sequential run's states age while it runs: retry times drift by up to its length.
+    let drift = started.elapsed() + Duration::from_secs(1);
     assert_eq!(calls(&server, "evalsha"), requests.len() as u64);
 
     let mut outcomes = std::collections::HashMap::new();
@@ -174,10 +177,7 @@ async fn each_request_gets_its_own_decision_exactly_as_one_call_each() {
         let (a, b) = (got.retry_after(), want.retry_after());
         assert_eq!(a.is_some(), b.is_some(), "request {i}");
         if let (Some(a), Some(b)) = (a, b) {
-            assert!(
-                a.abs_diff(b) <= Duration::from_secs(1),
-                "request {i}: {a:?} vs {b:?}"
-            );
+            assert!(a.abs_diff(b) <= drift, "request {i}: {a:?} vs {b:?}");
         }
         *outcomes.entry(got.outcome()).or_insert(0) += 1;
     }
@@ -257,8 +257,11 @@ async fn repeats_of_one_key_in_a_batch_are_decided_one_after_the_other() {
         // Nothing more was charged than the 50 admitted.
         let after = s.inspect(&p, &key).await.unwrap();
         assert_eq!(after.remaining(), 0);
-        let wait = after.retry_after().expect("full");
-        assert!(wait <= Duration::from_secs(72), "{name}: {wait:?}");
+        let wait = after.next_available();
+        assert!(
+            wait > Duration::from_secs(60) && wait <= Duration::from_secs(72),
+            "{name}: next unit in {wait:?}"
+        );
     }
 }
 
@@ -391,6 +394,35 @@ async fn a_failed_batch_fails_each_request_with_todays_kinds() {
         assert_eq!(d.unwrap().remaining(), 3, "counted twice or not at all");
     }
 
+    // A key of another type (someone else wrote there) fails its batch with a server error, as
+    // it fails a decision alone, and is never overwritten.
+    let victim = Key::from("victim");
+    let victim_key = s.redis_key(&p, &victim);
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&victim_key)
+        .arg("f")
+        .arg("v")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut mixed = requests[..20].to_vec();
+    mixed.insert(10, (p.clone(), victim.clone(), 1));
+    let got = all_at_once(&s, &mixed).await;
+    assert!(got[0].is_ok(), "the first request goes alone");
+    let e = got[10].as_ref().unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Server, "{e}");
+    let kind: String = redis::cmd("TYPE")
+        .arg(&victim_key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash");
+
     server.kill();
     for d in all_at_once(&s, &requests).await {
         let e = d.unwrap_err();
@@ -404,13 +436,17 @@ async fn a_failed_batch_fails_each_request_with_todays_kinds() {
     }
 }
 
-/// Zero bounds are configuration errors that say what to write.
+/// Bounds out of range are configuration errors that say what to write.
 #[tokio::test]
-async fn zero_batch_bounds_are_rejected() {
+async fn batch_bounds_out_of_range_are_rejected() {
     for (which, builder) in [
         (
             "max_batch",
             RedisStore::builder("redis://127.0.0.1:1").max_batch(0),
+        ),
+        (
+            "max_batch",
+            RedisStore::builder("redis://127.0.0.1:1").max_batch(4097),
         ),
         (
             "max_batch_bytes",
@@ -418,14 +454,20 @@ async fn zero_batch_bounds_are_rejected() {
         ),
     ] {
         let e = builder.build().await.unwrap_err();
-        assert!(
-            matches!(e, RedisConfigError::ZeroBatchBound { .. }),
-            "{e:?}"
-        );
+        assert!(matches!(e, RedisConfigError::BatchBound { .. }), "{e:?}");
         let text = e.to_string();
         assert!(
             text.contains(which) && text.contains("max_batch(1)"),
             "{text}"
         );
+    }
+    // Both ends of the range build.
+    for n in [1, 4096] {
+        let built = RedisStore::builder("redis://127.0.0.1:1")
+            .connect_timeout(Duration::from_millis(10))
+            .max_batch(n)
+            .build()
+            .await;
+        assert!(built.is_ok(), "max_batch({n})");
     }
 }

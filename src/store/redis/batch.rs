@@ -23,6 +23,7 @@ use crate::decision::Decision;
 use crate::error::{StoreError, StoreErrorKind};
 use crate::gcra;
 use crate::key::Key;
+use crate::quota::Quota;
 use crate::store::Policy;
 
 /// The script of a batch, one source of truth with `lua/gcra_batch.lua`.
@@ -33,6 +34,11 @@ pub const DEFAULT_MAX_BATCH: usize = 128;
 
 /// The default bound on the bytes of one batch's arguments.
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 64 * 1024;
+
+/// The largest `max_batch` accepted: it keeps a batch's Lua work bounded (a few milliseconds
+/// of Redis at most) and its policy indexes far below 2^20 (each decision's code, index * 2^32
+/// + cost, stays an exact Lua number).
+pub(super) const MAX_BATCH: usize = 4096;
 
 /// How many script calls one store keeps in flight to its server at most (the lone decision or
 /// batch that holds the slot).
@@ -209,7 +215,8 @@ pub(super) fn check(inner: &Arc<Inner>, policy: &Policy, key: &Key, cost: u32) -
     } else {
         Keys::Many(keys::quota_keys(&inner.prefix, policy, key))
     };
-    // `$<len>\r\n<bytes>\r\n` per argument: the keys, and q, n, T_i, B_i of at most 20 digits.
+    // `$<len>\r\n<bytes>\r\n` per argument: the keys, its code, and (an upper bound: each policy
+    // goes once per batch) q and the T_i, B_i of its policy, numbers of at most 20 digits.
     let bytes = keys.as_slice().iter().map(|k| k.len() + 8).sum::<usize>()
         + (2 + 2 * policy.quotas().len()) * 28;
     let (reply, answer) = oneshot::channel();
@@ -258,12 +265,32 @@ async fn send_batch(inner: &Inner, batcher: &Batcher, batch: Vec<Pending>) {
             cmd.arg(key);
         }
     }
-    for pending in &batch {
-        let quotas = pending.quotas.as_slice();
-        cmd.arg(quotas.len()).arg(pending.cost);
-        for quota in quotas {
+    // Each distinct policy once (a batch rarely has more than a few), then one number per
+    // decision: its policy's index * 2^32 + its cost.
+    let mut policies: Vec<&[Quota]> = Vec::new();
+    let codes: Vec<u64> = batch
+        .iter()
+        .map(|pending| {
+            let quotas = pending.quotas.as_slice();
+            let index = match policies.iter().position(|p| *p == quotas) {
+                Some(i) => i,
+                None => {
+                    policies.push(quotas);
+                    policies.len() - 1
+                }
+            };
+            ((index as u64) << 32) | u64::from(pending.cost)
+        })
+        .collect();
+    cmd.arg(policies.len());
+    for quotas in &policies {
+        cmd.arg(quotas.len());
+        for quota in *quotas {
             cmd.arg(quota.interval_micros()).arg(quota.capacity());
         }
+    }
+    for code in codes {
+        cmd.arg(code);
     }
     let reply = inner
         .timed(inner.send_on_backend(&cmd, Some(&batcher.load)))

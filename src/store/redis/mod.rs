@@ -302,8 +302,8 @@ impl RedisStoreBuilder {
         }
     }
 
-    /// The most decisions one script call carries (default [`DEFAULT_MAX_BATCH`], 128; 1
-    /// turns group commit off). While a decision is in flight to Redis, the ones that arrive
+    /// The most decisions one script call carries: 1 to 4096 (default [`DEFAULT_MAX_BATCH`],
+    /// 128; 1 turns group commit off). While a decision is in flight to Redis, the ones that arrive
     /// meanwhile wait and go together in the next call, up to this many (and
     /// [`max_batch_bytes`](Self::max_batch_bytes)); the rest wait for the call after. No
     /// decision waits when nothing is in flight. Ignored on Redis Cluster, which decides one
@@ -369,13 +369,19 @@ impl RedisStoreBuilder {
                 return Err(RedisConfigError::ZeroTimeout { which, value });
             }
         }
-        for (which, value) in [
-            ("max_batch", self.max_batch),
-            ("max_batch_bytes", self.max_batch_bytes),
-        ] {
-            if value == 0 {
-                return Err(RedisConfigError::ZeroBatchBound { which });
-            }
+        if !(1..=batch::MAX_BATCH).contains(&self.max_batch) {
+            return Err(RedisConfigError::BatchBound {
+                which: "max_batch",
+                allowed: "1 to 4096",
+                value: self.max_batch,
+            });
+        }
+        if self.max_batch_bytes == 0 {
+            return Err(RedisConfigError::BatchBound {
+                which: "max_batch_bytes",
+                allowed: "at least 1",
+                value: 0,
+            });
         }
         let backend = match self.source {
             Source::Url(url) => {
