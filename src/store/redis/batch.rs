@@ -8,9 +8,10 @@
 //! hands it to a task that sends the queue's oldest decisions, up to the size and byte bounds,
 //! as one batch, and keeps doing so until the queue is empty; then the slot is free again.
 //!
-//! Every decision keeps its own command timeout, counted from the moment it was asked for;
-//! a decision that gave up (timed out, or its request dropped) while queued is left out of
-//! the next batch and charges nothing.
+//! A queued decision takes its place in the queue when `check` is called (so a batch keeps the
+//! order of the `check` calls) and keeps its own command timeout, counted from the first poll
+//! of its future as before, queueing included; a decision that gave up (timed out, or its
+//! request dropped) while queued is left out of the next batch and charges nothing.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
