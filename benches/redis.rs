@@ -45,6 +45,8 @@ enum Client {
         capacity: u32,
     },
     Incr(ConnectionManager),
+    /// redis-cell's `CL.THROTTLE` on one multiplexed connection.
+    Cell(ConnectionManager),
 }
 
 struct Run {
@@ -115,6 +117,16 @@ async fn measure(
                             .query_async(&mut conn.clone())
                             .await
                             .expect("evalsha");
+                    }
+                    Client::Cell(conn) => {
+                        let _: Value = redis::cmd("CL.THROTTLE")
+                            .arg(format!("cell:{k}"))
+                            .arg(999_999)
+                            .arg(1_000_000)
+                            .arg(1)
+                            .query_async(&mut conn.clone())
+                            .await
+                            .expect("cl.throttle");
                     }
                     Client::Incr(conn) => {
                         let _: i64 = redis::cmd("INCR")
@@ -210,7 +222,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "group") {
+        rt.block_on(group_commit(&server, so.is_some(), rounds, secs));
+        return;
+    }
     rt.block_on(run(&server, so.is_some(), rounds, secs));
+    rt.block_on(group_commit(&server, so.is_some(), rounds, secs));
 }
 
 async fn run(server: &RedisServer, cell: bool, rounds: usize, secs: f64) {
@@ -444,4 +461,282 @@ async fn multi_quota(
         range(&cpu),
         range(&tput)
     );
+}
+
+/// Redis's own CPU for the decisions since the last `CONFIG RESETSTAT`: the `INFO
+/// commandstats` usec of the commands clients send to decide (`EVALSHA`, `EVAL`,
+/// `CL.THROTTLE`). The commands a script calls are listed too, but their time is already part
+/// of the script's, so they are not added.
+fn commandstats_usec(server: &RedisServer) -> f64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .filter(|l| {
+            ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_cl.throttle:"]
+                .iter()
+                .any(|c| l.starts_with(c))
+        })
+        .filter_map(|l| {
+            l.split("usec=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// The redis-server process's user + system CPU time, from /proc (10 ms ticks).
+fn server_cpu(server: &RedisServer) -> Duration {
+    let Some(pid) = server.pid() else {
+        return Duration::ZERO;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// One measurement of the group-commit section: throughput, latency, and Redis CPU per
+/// decision two ways (commandstats, and the server process's CPU time).
+struct Measured {
+    per_sec: f64,
+    p50: Duration,
+    stats_us: f64,
+    server_us: f64,
+}
+
+async fn reset_stats(admin: &mut ConnectionManager) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(admin)
+        .await
+        .unwrap();
+}
+
+async fn measured(
+    server: &RedisServer,
+    admin: &mut ConnectionManager,
+    client: &Client,
+    policy: &Policy,
+    keys: &Arc<Vec<Key>>,
+    inflight: usize,
+    secs: f64,
+) -> Measured {
+    reset_stats(admin).await;
+    let cpu0 = server_cpu(server);
+    let start = Instant::now();
+    let r = measure(client, policy, keys, inflight, secs).await;
+    let decisions = r.per_sec * start.elapsed().as_secs_f64();
+    let server_us = (server_cpu(server) - cpu0).as_secs_f64() * 1e6 / decisions;
+    Measured {
+        per_sec: r.per_sec,
+        p50: r.p50,
+        stats_us: commandstats_usec(server) / decisions,
+        server_us,
+    }
+}
+
+/// The Node peer: rate-limiter-flexible's `RateLimiterRedis` on ioredis
+/// (`benches/support/rlf_peer.js`), when `node` and the packages are there (`NODE_PATH`, set by
+/// scripts/bench-redis).
+async fn node_peer(
+    server: &RedisServer,
+    admin: &mut ConnectionManager,
+    inflight: usize,
+    secs: f64,
+) -> Option<Measured> {
+    reset_stats(admin).await;
+    let cpu0 = server_cpu(server);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/support/rlf_peer.js");
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(server.port.to_string())
+        .arg(inflight.to_string())
+        .arg(secs.to_string())
+        .arg(KEYS.to_string())
+        .output()
+        .await
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "the Node peer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
+        );
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let decisions = v["decisions"].as_f64()?;
+    Some(Measured {
+        per_sec: v["per_sec"].as_f64()?,
+        p50: Duration::from_secs_f64(v["p50_us"].as_f64()? / 1e6),
+        // Includes the peer's connection setup and one warm-up decision: negligible.
+        stats_us: commandstats_usec(server) / decisions,
+        server_us: (server_cpu(server) - cpu0).as_secs_f64() * 1e6 / decisions,
+    })
+}
+
+/// Group commit side by side: RedisStore as built by default (batching), the same store with
+/// `max_batch(1)` (one script call per decision, the store before group commit),
+/// rate-limiter-flexible on ioredis, and redis-cell's `CL.THROTTLE` on one multiplexed
+/// connection, at 1, 16 and 128 in flight, the order rotating per round.
+async fn group_commit(server: &RedisServer, cell: bool, rounds: usize, secs: f64) {
+    let url = server.url();
+    let quota: Quota = "1000000/s".parse().unwrap();
+    let policy = Policy::new("bench-group", quota).unwrap();
+    let keys: Arc<Vec<Key>> = Arc::new(
+        (0..KEYS)
+            .map(|i| Key::from(format!("client-{i}")))
+            .collect(),
+    );
+    let build = |max_batch: usize| {
+        RedisStore::builder(&url)
+            .command_timeout(Duration::from_secs(1))
+            .max_batch(max_batch)
+            .build()
+    };
+    let batched = Client::Store(
+        build(tollgate::store::redis::DEFAULT_MAX_BATCH)
+            .await
+            .unwrap(),
+    );
+    let single = Client::Store(build(1).await.unwrap());
+    let conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let cell_client = Client::Cell(conn.clone());
+    let mut admin = conn;
+    let node = std::process::Command::new("node")
+        .arg("-e")
+        .arg("require('rate-limiter-flexible'); require('ioredis')")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !node {
+        eprintln!(
+            "node with rate-limiter-flexible and ioredis not found (run scripts/bench-redis, \
+             which installs them from npm under /tmp): skipping the Node peer"
+        );
+    }
+    let mut names = vec!["batched", "single"];
+    if node {
+        names.push("rlf");
+    }
+    if cell {
+        names.push("cell");
+    }
+    // [in flight][name] -> measurements over the rounds.
+    let mut got: Vec<std::collections::HashMap<&str, Vec<Measured>>> =
+        (0..3).map(|_| Default::default()).collect();
+    println!();
+    println!(
+        "## Group commit: round | in flight | client | decisions/s | p50 | Redis commandstats us/decision | redis-server CPU us/decision"
+    );
+    let wanted: Vec<usize> = std::env::var("BENCH_INFLIGHT")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 128]);
+    for round in 0..rounds {
+        for (ci, inflight) in [1usize, 16, 128].into_iter().enumerate() {
+            if !wanted.contains(&inflight) {
+                continue;
+            }
+            let mut order = names.clone();
+            order.rotate_left(round % names.len());
+            for name in order {
+                let m = match name {
+                    "batched" => {
+                        measured(server, &mut admin, &batched, &policy, &keys, inflight, secs).await
+                    }
+                    "single" => {
+                        measured(server, &mut admin, &single, &policy, &keys, inflight, secs).await
+                    }
+                    "cell" => {
+                        measured(
+                            server,
+                            &mut admin,
+                            &cell_client,
+                            &policy,
+                            &keys,
+                            inflight,
+                            secs,
+                        )
+                        .await
+                    }
+                    _ => match node_peer(server, &mut admin, inflight, secs).await {
+                        Some(m) => m,
+                        None => continue,
+                    },
+                };
+                println!(
+                    "{round} | {inflight} | {name} | {:.0} | {:?} | {:.2} | {:.2}",
+                    m.per_sec, m.p50, m.stats_us, m.server_us
+                );
+                got[ci].entry(name).or_default().push(m);
+            }
+        }
+    }
+    println!();
+    println!(
+        "## Group commit summary over {rounds} round(s), {secs} s per measurement (min-max (median))"
+    );
+    let ratios = |ci: usize, a: &str, b: &str, f: fn(&Measured) -> f64| -> Vec<f64> {
+        match (got[ci].get(a), got[ci].get(b)) {
+            (Some(x), Some(y)) => x.iter().zip(y).map(|(x, y)| f(x) / f(y)).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let tput: fn(&Measured) -> f64 = |m| m.per_sec;
+    let stats: fn(&Measured) -> f64 = |m| m.stats_us;
+    let proc_cpu: fn(&Measured) -> f64 = |m| m.server_us;
+    let p50: fn(&Measured) -> f64 = |m| m.p50.as_secs_f64();
+    for (ci, inflight) in [1, 16, 128].into_iter().enumerate() {
+        if !wanted.contains(&inflight) {
+            continue;
+        }
+        let abs = |name: &str, f: fn(&Measured) -> f64| -> Vec<f64> {
+            got[ci]
+                .get(name)
+                .map(|v| v.iter().map(f).collect())
+                .unwrap_or_default()
+        };
+        println!("{inflight:>3} in flight:");
+        for name in &names {
+            println!(
+                "    {name:>7}: decisions/s {}; commandstats us/decision {}; redis-server CPU us/decision {}",
+                range(&abs(name, tput)),
+                range(&abs(name, stats)),
+                range(&abs(name, proc_cpu))
+            );
+        }
+        println!(
+            "    batched / single (today's RedisStore): decisions/s {}x; commandstats us/decision {}x; p50 {}x",
+            range(&ratios(ci, "batched", "single", tput)),
+            range(&ratios(ci, "batched", "single", stats)),
+            range(&ratios(ci, "batched", "single", p50))
+        );
+        println!(
+            "    batched / rate-limiter-flexible: decisions/s {}x",
+            range(&ratios(ci, "batched", "rlf", tput))
+        );
+        println!(
+            "    batched / CL.THROTTLE: commandstats us/decision {}x; redis-server CPU us/decision {}x; decisions/s {}x",
+            range(&ratios(ci, "batched", "cell", stats)),
+            range(&ratios(ci, "batched", "cell", proc_cpu)),
+            range(&ratios(ci, "batched", "cell", tput))
+        );
+    }
 }

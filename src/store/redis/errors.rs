@@ -32,6 +32,19 @@ pub enum RedisConfigError {
         /// The value given.
         value: Duration,
     },
+    /// A batch bound out of range.
+    #[error(
+        "the Redis store's {which} must be {allowed} (got {value}); max_batch(1) turns group \
+         commit off"
+    )]
+    BatchBound {
+        /// `"max_batch"` or `"max_batch_bytes"`.
+        which: &'static str,
+        /// The values allowed.
+        allowed: &'static str,
+        /// The value given.
+        value: usize,
+    },
     /// A cluster constructor was given no node.
     #[error("a Redis Cluster store needs at least one node URL")]
     NoClusterNodes,

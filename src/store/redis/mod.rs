@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod errors;
 mod keys;
 
@@ -36,6 +37,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
 
+pub use batch::{DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES};
 pub use errors::RedisConfigError;
 
 use crate::decision::Decision;
@@ -84,6 +86,8 @@ struct Inner {
     script: redis::Script,
     /// `SCRIPT LOAD <gcra.lua>`, built once.
     load: Cmd,
+    /// Group commit (`batch.rs`): `None` on a cluster, or with batching turned off.
+    batcher: Option<batch::Batcher>,
 }
 
 enum Backend {
@@ -130,6 +134,8 @@ pub struct RedisStoreBuilder {
     command_timeout: Duration,
     connect_timeout: Duration,
     require_connection: bool,
+    max_batch: usize,
+    max_batch_bytes: usize,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -146,6 +152,8 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("command_timeout", &self.command_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("require_connection", &self.require_connection)
+            .field("max_batch", &self.max_batch)
+            .field("max_batch_bytes", &self.max_batch_bytes)
             .finish()
     }
 }
@@ -277,7 +285,7 @@ impl RedisStore {
     /// A [`StoreError`] when Redis fails or does not answer within the command timeout.
     pub async fn load_script(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        inner.timed(inner.run(&inner.load)).await.map(drop)
+        inner.timed(inner.load_scripts()).await
     }
 }
 
@@ -289,7 +297,28 @@ impl RedisStoreBuilder {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             require_connection: false,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
         }
+    }
+
+    /// The most decisions one script call carries: 1 to 4096 (default [`DEFAULT_MAX_BATCH`],
+    /// 128; 1 turns group commit off). While a decision is in flight to Redis, the ones that arrive
+    /// meanwhile wait and go together in the next call, up to this many (and
+    /// [`max_batch_bytes`](Self::max_batch_bytes)); the rest wait for the call after. No
+    /// decision waits when nothing is in flight. Ignored on Redis Cluster, which decides one
+    /// call per decision (see the module docs).
+    pub fn max_batch(mut self, decisions: usize) -> Self {
+        self.max_batch = decisions;
+        self
+    }
+
+    /// The most bytes of keys and arguments one batch carries (default
+    /// [`DEFAULT_MAX_BATCH_BYTES`], 64 KiB). A single decision always goes, whatever its size
+    /// (at most about 1.5 KiB: 8 quotas of [`MAX_KEY_LEN`]-byte keys).
+    pub fn max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.max_batch_bytes = bytes;
+        self
     }
 
     /// The first part of every key (default `"tollgate"`): 1 to 64 printable ASCII characters
@@ -340,6 +369,20 @@ impl RedisStoreBuilder {
                 return Err(RedisConfigError::ZeroTimeout { which, value });
             }
         }
+        if !(1..=batch::MAX_BATCH).contains(&self.max_batch) {
+            return Err(RedisConfigError::BatchBound {
+                which: "max_batch",
+                allowed: "1 to 4096",
+                value: self.max_batch,
+            });
+        }
+        if self.max_batch_bytes == 0 {
+            return Err(RedisConfigError::BatchBound {
+                which: "max_batch_bytes",
+                allowed: "at least 1",
+                value: 0,
+            });
+        }
         let backend = match self.source {
             Source::Url(url) => {
                 let client = redis::Client::open(url.as_str())
@@ -377,6 +420,12 @@ impl RedisStoreBuilder {
                 Backend::Cluster(client.get_pending_async_connection_with_config(config))
             }
         };
+        let batcher = match &backend {
+            #[cfg(feature = "redis-cluster")]
+            Backend::Cluster(_) => None,
+            _ if self.max_batch == 1 => None,
+            _ => Some(batch::Batcher::new(self.max_batch, self.max_batch_bytes)),
+        };
         let store = RedisStore {
             inner: Arc::new(Inner {
                 backend,
@@ -385,10 +434,11 @@ impl RedisStoreBuilder {
                 command_timeout: self.command_timeout,
                 script: redis::Script::new(GCRA_LUA),
                 load: script_load_cmd(GCRA_LUA),
+                batcher,
             }),
         };
         let inner = &store.inner;
-        let warm = tokio::time::timeout(self.connect_timeout, inner.run(&inner.load)).await;
+        let warm = tokio::time::timeout(self.connect_timeout, inner.load_scripts()).await;
         let failure = match warm {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(e),
@@ -432,6 +482,23 @@ impl Inner {
             cmd.arg(now);
         }
         cmd
+    }
+
+    /// `SCRIPT LOAD` of `lua/gcra.lua`, and of `lua/gcra_batch.lua` when batching.
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        self.run(&self.load).await?;
+        if let Some(batcher) = &self.batcher {
+            self.run(batcher.load_cmd()).await?;
+        }
+        Ok(())
+    }
+
+    /// One decision in a script call of its own (no group commit).
+    fn check_alone(self: &Arc<Self>, policy: &Policy, key: &Key, cost: u32) -> RedisFuture {
+        let cmd = self.eval_cmd(policy, key, cost, None);
+        let quotas = Quotas::of(policy);
+        let inner = Arc::clone(self);
+        Box::pin(async move { inner.decide(cmd, quotas.as_slice(), cost).await })
     }
 
     /// Bounds `fut` by the command timeout.
@@ -609,10 +676,7 @@ impl Store for RedisStore {
     type Future = RedisFuture;
 
     fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
-        let cmd = self.inner.eval_cmd(policy, key, cost, None);
-        let quotas = Quotas::of(policy);
-        let inner = Arc::clone(&self.inner);
-        Box::pin(async move { inner.decide(cmd, quotas.as_slice(), cost).await })
+        batch::check(&self.inner, policy, key, cost)
     }
 
     fn reset(
