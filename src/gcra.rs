@@ -184,6 +184,91 @@ pub fn step_all(stored: &[u64], now: u64, quotas: &[Quota], cost: u32) -> MultiS
     }
 }
 
+/// The most debt an unconditional charge ([`adjust`] with `delta > 0`) can leave on one quota:
+/// `tat - now` never exceeds this (100 years in µs), so every value stays below 2^53 and exact
+/// in the Redis script's doubles.
+pub const MAX_DEBT_MICROS: u64 = crate::quota::MAX_TOLERANCE_MICROS;
+
+/// Adjusts a state after the fact, by `delta` units at `now`: what a store runs for
+/// [`Store::adjust`](crate::Store::adjust) (a refund, or the difference between a reserved and
+/// an actual cost).
+///
+/// - `delta > 0` charges unconditionally: `new_tat = max(tat, now) + delta*T`, admitted or not,
+///   so the state can go beyond the capacity (debt): the next requests are then denied until
+///   it is paid off, with a `retry_after` that counts the debt. The debt is capped at
+///   [`MAX_DEBT_MICROS`].
+/// - `delta < 0` gives back `-delta` units: `new_tat = max(tat - (-delta)*T, now)`. The TAT never
+///   goes below `now`, so a refund never leaves a client better off than a fresh one, and a
+///   state that is already fresh is left alone.
+/// - `delta == 0` changes nothing.
+///
+/// The [`Step`]'s decision is a peek of the state after the adjustment (cost 0: outcome
+/// [`Allowed`](Outcome::Allowed), `remaining` 0 while in debt). `write` is `Some(new_tat)` when
+/// the state changed; a `new_tat` equal to `now` is a fresh state, which a store with key
+/// expiry deletes instead of writing (its TTL would be 0).
+///
+/// ```
+/// use tollgate::{Quota, gcra};
+///
+/// let quota: Quota = "5/s".parse()?; // T = 200 ms
+/// let now = 1_000_000;
+/// let charged = gcra::step(0, now, &quota, 3).write.unwrap(); // 3 used, 2 left
+/// let refunded = gcra::adjust(charged, now, &quota, -2);
+/// assert_eq!(refunded.decision.remaining(), 4);
+/// // Never below fresh: giving back more than is used leaves the state fresh.
+/// assert_eq!(gcra::adjust(charged, now, &quota, -100).write, Some(now));
+/// // Debt: 9 units on a capacity of 5; the next request waits for 5 of them.
+/// let debt = gcra::adjust(charged, now, &quota, 6).write.unwrap();
+/// let next = gcra::step(debt, now, &quota, 1).decision;
+/// assert_eq!(next.retry_after(), Some(std::time::Duration::from_millis(1_000)));
+/// # Ok::<(), tollgate::QuotaError>(())
+/// ```
+pub fn adjust(stored_tat: u64, now: u64, quota: &Quota, delta: i64) -> Step {
+    let t = quota.interval_micros();
+    let used = stored_tat.max(now) - now;
+    let amount = delta.unsigned_abs().saturating_mul(t);
+    let new_used = match delta.signum() {
+        1 => used.saturating_add(amount).min(MAX_DEBT_MICROS.max(used)),
+        -1 if used > 0 => used.saturating_sub(amount),
+        _ => used,
+    };
+    let write = (new_used != used).then(|| now.saturating_add(new_used));
+    Step {
+        decision: step(now.saturating_add(new_used), now, quota, 0).decision,
+        write,
+    }
+}
+
+/// [`adjust`] over every quota of a policy, in the policy's order (`stored` as for
+/// [`step_all`]): each quota is adjusted by `delta` units of its own. `writes` holds every
+/// quota's new TAT (unchanged ones included) when any changed, else `None`; the decision is
+/// the policy's peek after the adjustment.
+///
+/// # Panics
+/// If `quotas` is empty (a [`Policy`](crate::Policy) never is).
+pub fn adjust_all(stored: &[u64], now: u64, quotas: &[Quota], delta: i64) -> MultiStep {
+    let tat_of = |i: usize| stored.get(i).copied().unwrap_or(0);
+    let steps: Vec<Step> = quotas
+        .iter()
+        .enumerate()
+        .map(|(i, q)| adjust(tat_of(i), now, q, delta))
+        .collect();
+    let changed = steps.iter().any(|s| s.write.is_some());
+    let writes = changed.then(|| {
+        steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.write.unwrap_or(tat_of(i)))
+            .collect()
+    });
+    let per_quota: Vec<Decision> = steps.into_iter().map(|s| s.decision).collect();
+    let decision = match per_quota.as_slice() {
+        [one] => one.clone(),
+        many => Decision::combined(most_restrictive(many).clone(), per_quota.clone()),
+    };
+    MultiStep { decision, writes }
+}
+
 /// `d` in whole milliseconds, rounded up: the TTL of a state written with
 /// [`reset_after`](Decision::reset_after) `d`. At least 1, saturating at `u64::MAX`.
 ///
