@@ -61,6 +61,7 @@ mod layer;
 pub mod quota;
 mod response;
 mod service;
+pub mod settle;
 pub mod store;
 pub mod telemetry;
 pub mod tier;
@@ -78,6 +79,7 @@ pub use quota::Quota;
 pub use response::RejectIntoResponse;
 pub use response::{DefaultRejection, RateLimitBody, RejectWith, RejectionBody, Rejector};
 pub use service::RateLimit;
+pub use settle::ActualCost;
 pub use store::memory::{DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use store::redis::RedisStore;

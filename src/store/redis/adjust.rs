@@ -20,7 +20,12 @@ const ADJUST_LUA: &str = include_str!("../../../lua/adjust.lua");
 /// The script (for its SHA-1) and its `SCRIPT LOAD` command, built once per process.
 fn script() -> &'static (redis::Script, Cmd) {
     static SCRIPT: OnceLock<(redis::Script, Cmd)> = OnceLock::new();
-    SCRIPT.get_or_init(|| (redis::Script::new(ADJUST_LUA), super::script_load_cmd(ADJUST_LUA)))
+    SCRIPT.get_or_init(|| {
+        (
+            redis::Script::new(ADJUST_LUA),
+            super::script_load_cmd(ADJUST_LUA),
+        )
+    })
 }
 
 impl Inner {

@@ -190,7 +190,9 @@ impl RedisStore {
         delta: i64,
         now_micros: u64,
     ) -> Result<Decision, StoreError> {
-        self.inner.adjust(policy, key, delta, Some(now_micros)).await
+        self.inner
+            .adjust(policy, key, delta, Some(now_micros))
+            .await
     }
 
     /// The Redis key that holds `key`'s state under `policy`:
