@@ -413,6 +413,129 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Over any run of charges, refunds and reconciliations: the units admitted never exceed
+        /// capacity + elapsed / T + the units refunds actually gave back (measured on the TAT),
+        /// the state never goes below fresh, and `remaining` never exceeds the capacity.
+        #[test]
+        fn adjustments_never_admit_more_than_they_gave_back(
+            interval_ms in 1u64..2_000,
+            capacity in 1u32..20,
+            ops in proptest::collection::vec((0u64..3_000, 0u32..25, 0u8..4, -30i64..30), 1..200),
+        ) {
+            let q = quota(1, interval_ms, capacity);
+            let t = q.interval_micros();
+            let (mut tat, mut now) = (0u64, 1_000_000u64);
+            let start = now;
+            let (mut admitted, mut given_back_us) = (0u64, 0u64);
+            for (dt_ms, cost, op, delta) in ops {
+                now += dt_ms * 1_000;
+                let before = tat.max(now) - now;
+                match op {
+                    // A check, then (half the time) its settlement: a refund of what it was
+                    // charged, or a reconciliation by `delta`.
+                    0 | 1 => {
+                        let s = step(tat, now, &q, cost);
+                        if let Some(w) = s.write {
+                            tat = w;
+                            admitted += u64::from(cost);
+                            if op == 1 {
+                                let d = if delta < 0 { -i64::from(cost) } else { delta };
+                                let used = tat - now;
+                                let a = adjust(tat, now, &q, d);
+                                prop_assert!(a.write.is_none_or(|w| w >= now), "below fresh");
+                                if let Some(w) = a.write { tat = w; }
+                                let after = tat.max(now) - now;
+                                given_back_us += used.saturating_sub(after);
+                            }
+                        }
+                    }
+                    // An adjustment out of the blue.
+                    _ => {
+                        let a = adjust(tat, now, &q, delta);
+                        prop_assert!(a.write.is_none_or(|w| w >= now), "below fresh");
+                        if let Some(w) = a.write { tat = w; }
+                        let after = tat.max(now) - now;
+                        given_back_us += before.saturating_sub(after);
+                        prop_assert!(a.decision.remaining() <= capacity);
+                        if delta < 0 {
+                            prop_assert!(after <= before, "a refund added debt");
+                            prop_assert!(before - after <= delta.unsigned_abs() * t,
+                                "gave back more than asked");
+                        }
+                    }
+                }
+                let bound = u64::from(capacity) + (now - start) / t + given_back_us.div_ceil(t);
+                prop_assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
+            }
+        }
+
+        /// `adjust` by a positive amount then the same negative amount (at one instant) is the
+        /// identity on a state that was not fresh, and never below fresh on any.
+        #[test]
+        fn charge_then_refund_round_trips(
+            used_units in 0u64..20,
+            n in 1i64..40,
+        ) {
+            let q = quota(1, 100, 10);
+            let now = 10_000_000u64;
+            let tat = now + used_units * q.interval_micros();
+            let charged = adjust(tat, now, &q, n).write.unwrap();
+            prop_assert_eq!(charged, tat + n.unsigned_abs() * q.interval_micros());
+            let back = adjust(charged, now, &q, -n).write.unwrap_or(charged);
+            prop_assert_eq!(back, tat);
+            let far = adjust(charged, now, &q, -n - 100).write.unwrap();
+            prop_assert_eq!(far, now, "floored at fresh");
+        }
+    }
+
+    #[test]
+    fn adjust_leaves_fresh_and_zero_alone_and_caps_debt() {
+        let q = quota(5, 5_000, 5); // T = 1 s
+        let now = 50_000_000;
+        // A fresh or past state gives nothing back.
+        assert_eq!(adjust(0, now, &q, -3).write, None);
+        assert_eq!(adjust(now - 1, now, &q, -3).write, None);
+        assert_eq!(adjust(now + 7, now, &q, 0).write, None);
+        assert_eq!(adjust(0, now, &q, -3).decision.remaining(), 5);
+        // Debt is capped at 100 years, even from i64::MAX units.
+        let debt = adjust(0, now, &q, i64::MAX).write.unwrap();
+        assert_eq!(debt - now, MAX_DEBT_MICROS);
+        let denied = step(debt, now, &q, 1).decision;
+        assert_eq!(denied.outcome(), Outcome::Denied);
+        assert_eq!(adjust(debt, now, &q, i64::MIN).write, Some(now));
+        for stored in [0, 1, u64::MAX] {
+            for delta in [i64::MIN, -1, 1, i64::MAX] {
+                let _ = adjust(stored, u64::MAX, &q, delta);
+                let _ = adjust(stored, 0, &q, delta);
+            }
+        }
+    }
+
+    #[test]
+    fn adjust_all_adjusts_every_quota_by_its_own_interval() {
+        let qs = [quota(2, 1_000, 2), quota(5, 3_600_000, 5)]; // T = 500 ms and 720 s
+        let now = 1_000_000_000;
+        let charged = step_all(&[0, 0], now, &qs, 2).writes.unwrap();
+        let refunded = adjust_all(&charged, now, &qs, -1);
+        assert_eq!(
+            refunded.writes,
+            Some(vec![now + 500_000, now + 720_000_000])
+        );
+        let remaining: Vec<u32> = refunded
+            .decision
+            .per_quota()
+            .iter()
+            .map(Decision::remaining)
+            .collect();
+        assert_eq!(remaining, [1, 4]);
+        assert_eq!(refunded.decision.remaining(), 1);
+        // Nothing to give back anywhere: nothing to write.
+        assert_eq!(adjust_all(&[0, 0], now, &qs, -1).writes, None);
+        let one = adjust_all(&[now + 5], now, &qs[..1], 3);
+        assert_eq!(one.decision, adjust(now + 5, now, &qs[0], 3).decision);
+    }
+
     #[test]
     fn step_all_of_one_quota_is_step() {
         let q = quota(5, 5_000, 5);
