@@ -13,7 +13,11 @@
 //! - `no-fields`: the same with `headers_on_allowed(false)`;
 //! - `busy`: the default layer, a client that is never fresh but never runs out;
 //! - `denied`: the default layer, every request after the first answered 429;
-//! - `boxed`: `allowed` through a `BoxStore` around a `MemoryStore`.
+//! - `boxed`: `allowed` through a `BoxStore` around a `MemoryStore`;
+//! - `refund-kept`: `allowed` with a refund rule (`skip_failed`) that keeps every charge (the
+//!   responses are 200): what a rule costs an admitted-and-kept request;
+//! - `refunded`: `allowed` with `skip_successful`: every charge is given back after the
+//!   response (one `MemoryStore::adjust_now` per request).
 #![allow(missing_docs)] // a bench binary
 
 use std::net::SocketAddr;
@@ -62,6 +66,22 @@ fn app(mode: &str) -> Router {
             RateLimitLayer::builder(allowed)
                 .key(ClientIp::new())
                 .store(BoxStore::new(MemoryStore::new()))
+                .build()
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        // A refund rule that keeps every charge (every response is a 200).
+        "refund-kept" => hello.layer(
+            RateLimitLayer::builder(allowed)
+                .key(ClientIp::new())
+                .skip_failed()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        // A refund rule that gives every charge back.
+        "refunded" => hello.layer(
+            RateLimitLayer::builder(allowed)
+                .key(ClientIp::new())
+                .skip_successful()
                 .build()
                 .unwrap_or_else(|e| panic!("{e}")),
         ),
@@ -117,7 +137,7 @@ fn app(mode: &str) -> Router {
         other => {
             eprintln!(
                 "unknown mode {other:?}: none, allowed, no-fields, busy, denied, boxed, \
-                 no-response-decisions, tiered, resolved"
+                 no-response-decisions, tiered, resolved, refund-kept, refunded"
             );
             std::process::exit(2)
         }

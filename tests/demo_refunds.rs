@@ -161,6 +161,29 @@ fn flags_are_checked() {
     }
 }
 
+/// The brute-force login recipe (`examples/login_recipe.rs`) plays its scenario and exits 0.
+#[test]
+fn the_login_recipe_runs() {
+    let demo = common::demo::demo_binary();
+    let recipe = demo.with_file_name("login_recipe");
+    assert!(
+        recipe.exists(),
+        "{} is missing: run `cargo build --examples` (cargo test builds examples)",
+        recipe.display()
+    );
+    let out = std::process::Command::new(&recipe)
+        .arg("--self-test")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("ok: "), "{stdout}");
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
