@@ -685,3 +685,140 @@ async fn extensions_reach_the_rule_and_denials_are_never_refunded() {
     assert_eq!(store.check_now(&p, &k, 0).remaining(), 0);
     assert_eq!(layer.stats().refunds, 1);
 }
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use common::redis::RedisServer;
+    use tollgate::{Clock, DenyCache, RedisStore};
+
+    fn calls(stats: &str, cmd: &str) -> u64 {
+        stats
+            .lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// A refunded request costs one more script call, made before the response leaves (a
+    /// second app server sees it at once); the adjustment script is loaded on first use.
+    #[tokio::test]
+    async fn a_refund_is_one_script_call_seen_by_every_server() {
+        let server = RedisServer::start();
+        let a = RedisStore::builder(&server.url()).build().await.unwrap();
+        let b = RedisStore::builder(&server.url()).build().await.unwrap();
+        let layer = |store: RedisStore| login_layer(store, "5/m");
+        let (app_a, app_b) = (login_app(layer(a.clone())), login_app(layer(b.clone())));
+        let (addr_a, addr_b) = (
+            common::http::serve(app_a).await,
+            common::http::serve(app_b).await,
+        );
+        assert_eq!(server.cli(&["CONFIG", "RESETSTAT"]).trim(), "OK");
+        for i in 0..10 {
+            let addr = if i % 2 == 0 { addr_a } else { addr_b };
+            let res = attempt(addr, "alice", "open-sesame").await;
+            assert_eq!(res.status(), 200);
+            assert_eq!(res.headers()["ratelimit"], "\"login\";r=5;t=0", "login {i}");
+        }
+        let stats = server.cli(&["INFO", "commandstats"]);
+        // 10 checks and 10 refunds ran, each once: one EVALSHA each, plus one NOSCRIPT reply
+        // (then SCRIPT LOAD) for the adjustment script's first use on this Redis.
+        assert_eq!(calls(&stats, "evalsha"), 21, "{stats}");
+        assert_eq!(calls(&stats, "script|load"), 1, "{stats}");
+        assert_eq!(calls(&stats, "set"), 10, "{stats}");
+        assert_eq!(calls(&stats, "del"), 10, "{stats}");
+        // Failures are shared between the two servers exactly.
+        for (i, addr) in [addr_a, addr_b, addr_a, addr_b, addr_a]
+            .into_iter()
+            .enumerate()
+        {
+            let res = attempt(addr, "alice", "wrong").await;
+            assert_eq!(res.status(), 401, "failure {i}");
+        }
+        assert_eq!(attempt(addr_b, "alice", "open-sesame").await.status(), 429);
+        assert_eq!(attempt(addr_a, "alice", "open-sesame").await.status(), 429);
+    }
+
+    /// The conformance kit's adjustment vectors at chosen instants through the Redis script:
+    /// exactly `gcra::adjust`, also for a multi-quota policy, a huge debt and a huge refund.
+    #[tokio::test]
+    async fn the_script_adjusts_exactly_as_the_gcra() {
+        let server = RedisServer::start();
+        let s = RedisStore::builder(&server.url()).build().await.unwrap();
+        let memory_clock = ManualClock::new();
+        let memory = MemoryStore::builder()
+            .clock(memory_clock.clone())
+            .build()
+            .unwrap();
+        let now = 1_790_000_000_000_000u64;
+        let cases: [(&[&str], &[(u64, i64)]); 3] = [
+            (
+                &["5/5s"],
+                &[
+                    (0, 3),
+                    (0, -1),
+                    (500, -1),
+                    (900, 7),
+                    (2_000, -100),
+                    (2_000, -1),
+                ],
+            ),
+            (
+                &["2/s", "5/h"],
+                &[(0, 1), (0, 1), (100, -1), (200, 9), (300, -3)],
+            ),
+            (&["1/d"], &[(0, i64::MAX), (1, -1), (2, i64::MIN), (3, -1)]),
+        ];
+        for (n, (quotas, steps)) in cases.into_iter().enumerate() {
+            let policy = Policy::multi(
+                &format!("adjust-{n}"),
+                quotas.iter().map(|q| q.parse().unwrap()),
+            )
+            .unwrap();
+            let key = Key::from(format!("exact-{n}"));
+            let start = memory_clock.now_micros();
+            for &(t_ms, delta) in steps {
+                let at = now + t_ms * 1_000;
+                let target = start + t_ms * 1_000;
+                let current = memory_clock.now_micros();
+                memory_clock.advance(Duration::from_micros(target - current));
+                let want = memory.adjust_now(&policy, &key, delta);
+                let got = s.adjust_at(&policy, &key, delta, at).await.unwrap();
+                assert_eq!(got, want, "{quotas:?} at {t_ms} ms by {delta}");
+                // And a check made afterwards agrees too.
+                let want = memory.check_now(&policy, &key, 1);
+                let got = s.check_at(&policy, &key, 1, at).await.unwrap();
+                assert_eq!(got, want, "{quotas:?} check at {t_ms} ms after {delta}");
+            }
+        }
+        // Every key still holds a TTL (or is gone).
+        let keys = server.cli(&["KEYS", "*"]);
+        for key in keys.lines().filter(|l| !l.is_empty()) {
+            let ttl: i64 = server.cli(&["PTTL", key]).trim().parse().unwrap();
+            assert!(ttl > 0, "{key} has PTTL {ttl}");
+        }
+    }
+
+    /// A deny cache in front of Redis: a refund lifts the local denial it made obsolete.
+    #[tokio::test]
+    async fn a_refund_through_a_deny_cache_lifts_its_denial() {
+        let server = RedisServer::start();
+        let redis = RedisStore::builder(&server.url()).build().await.unwrap();
+        let store = DenyCache::new(redis);
+        let p = policy("cached", "2/h");
+        let k = Key::from("k");
+        for _ in 0..2 {
+            assert!(store.check(&p, &k, 1).await.unwrap().is_allowed());
+        }
+        for _ in 0..3 {
+            assert!(!store.check(&p, &k, 1).await.unwrap().is_allowed());
+        }
+        assert!(store.stats().local_denials >= 2, "{:?}", store.stats());
+        let after = store.adjust(&p, &k, -1).unwrap().await.unwrap();
+        assert_eq!(after.remaining(), 1);
+        assert!(store.check(&p, &k, 1).await.unwrap().is_allowed());
+        assert!(!store.check(&p, &k, 1).await.unwrap().is_allowed());
+    }
+}
