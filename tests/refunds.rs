@@ -168,9 +168,9 @@ async fn concurrent_successes_are_admitted_within_the_capacity_too() {
     assert_eq!(ratelimit_of(addr, "alice").await, "\"login\";r=5;t=0");
 }
 
-async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futures.map(tokio::spawn).collect();
@@ -207,7 +207,9 @@ async fn the_presets_refund_what_they_say() {
     type Rule = fn(
         tollgate::Builder<MemoryStore<ManualClock>, Header>,
     ) -> tollgate::Builder<MemoryStore<ManualClock>, Header>;
-    let presets: [(&str, Rule, [(u16, bool); 5]); 3] = [
+    /// Each status, and whether the preset refunds it.
+    type Cases = [(u16, bool); 5];
+    let presets: [(&str, Rule, Cases); 3] = [
         (
             "skip_successful",
             |b| b.skip_successful(),
@@ -446,7 +448,7 @@ async fn a_settlement_in_flight_completes_once_when_the_response_is_dropped() {
 async fn a_dropped_response_future_keeps_the_charge() {
     let (store, _clock) = manual_store();
     let app = Router::new()
-        .route("/", get(|| std::future::pending::<&'static str>()))
+        .route("/", get(std::future::pending::<&'static str>))
         .layer(
             RateLimitLayer::builder("5/m".parse().unwrap())
                 .policy("p")
@@ -753,7 +755,9 @@ mod redis {
             .build()
             .unwrap();
         let now = 1_790_000_000_000_000u64;
-        let cases: [(&[&str], &[(u64, i64)]); 3] = [
+        /// Quotas, then (ms since the start, delta) steps.
+        type Case<'a> = (&'a [&'a str], &'a [(u64, i64)]);
+        let cases: [Case; 3] = [
             (
                 &["5/5s"],
                 &[

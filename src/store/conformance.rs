@@ -928,26 +928,6 @@ pub async fn tiers<H: Harness>(h: &mut H) -> Result<(), Failure> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_tables_hold_valid_quotas() {
-        for v in &VECTORS {
-            let _ = quota(v.quota);
-        }
-        let _ = policy("conformance-multi", &M1_QUOTAS);
-    }
-
-    #[test]
-    fn keys_are_fresh_and_instants_increase() {
-        assert_ne!(fresh_key("x"), fresh_key("x"));
-        let (a, b) = (next_origin(), next_origin());
-        assert!(b >= a + VECTOR_STRIDE);
-    }
-}
-
 /// Adjustments ([`Store::adjust`]) on the store's own clock (`T` = 1 h), exactly as
 /// [`gcra::adjust`](crate::gcra::adjust): a refund gives units back but never leaves a client
 /// better off than a fresh one (the capacity, not more, can be spent after refunding more than
@@ -1067,4 +1047,24 @@ pub async fn adjust<H: Harness>(h: &mut H) -> Result<(), Failure> {
         expect(store, at, (&policy, &key), call, outcome, remaining).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tables_hold_valid_quotas() {
+        for v in &VECTORS {
+            let _ = quota(v.quota);
+        }
+        let _ = policy("conformance-multi", &M1_QUOTAS);
+    }
+
+    #[test]
+    fn keys_are_fresh_and_instants_increase() {
+        assert_ne!(fresh_key("x"), fresh_key("x"));
+        let (a, b) = (next_origin(), next_origin());
+        assert!(b >= a + VECTOR_STRIDE);
+    }
 }
