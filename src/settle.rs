@@ -30,7 +30,7 @@
 //! | the response says refund | its whole charge is given back, once |
 //! | the handler reports `ActualCost(n)` | `n` in all: the reservation plus or minus the difference, once |
 //! | the handler panics, the inner service returns an error, the client disconnects or the response future is dropped before the inner service answered | the admission charge stands, as made (there is no response to judge, so nothing is given back) |
-//! | the response future is dropped while the settlement is in flight | it completes anyway (on a Tokio runtime it runs as a task of its own), exactly once |
+//! | the response future is dropped while the settlement is in flight | it completes anyway, exactly once: a settlement that does not finish at once (Redis) runs as a Tokio task of its own; the memory stores settle synchronously. (Outside a Tokio runtime it runs inside the response future, and dropping that future mid-way leaves it unknown whether it was applied.) |
 //! | the store fails the settlement (an error, a timeout, an open [`CircuitBreaker`](crate::CircuitBreaker), a store without [`Store::adjust`](crate::Store::adjust)) | the charge stands as made; the failure is logged at most once a second (`tollgate::store`, with the key's fingerprint) and counted in [`Stats::settle_failures`](crate::Stats::settle_failures); it is **never retried**: a timed-out refund may have been applied, and a second one would give back what other requests were charged |
 //! | the response comes after the whole charge has regenerated (slower than its `reset_after`) | nothing is given back: the charge no longer holds anything, and a refund would only cancel other requests' charges |
 //!
