@@ -193,7 +193,16 @@ mod redis {
     fn two_demo_servers_share_the_failure_count_exactly() {
         let redis = RedisServer::start();
         let url = redis.url();
-        let args = ["--redis-url", url.as_str()];
+        // Fail closed, with a timeout no loaded CI machine reaches: a slow Redis shows as a
+        // 503 here, never as a request admitted fail-open that would miscount the limit.
+        let args = [
+            "--redis-url",
+            url.as_str(),
+            "--fail-mode",
+            "closed",
+            "--store-timeout-ms",
+            "2000",
+        ];
         let (a, b) = (Demo::start(&args), Demo::start(&args));
         assert!(a.banner.contains("store: redis"), "{}", a.banner);
         // Successes on both are refunded; failures on both add up to one count of 5.
@@ -217,7 +226,14 @@ mod redis {
     fn redis_logins_and_tokens() {
         let redis = RedisServer::start();
         let url = redis.url();
-        let demo = Demo::start(&["--redis-url", url.as_str()]);
+        let demo = Demo::start(&[
+            "--redis-url",
+            url.as_str(),
+            "--fail-mode",
+            "closed",
+            "--store-timeout-ms",
+            "2000",
+        ]);
         only_failed_logins_count(&demo);
         reserve_then_reconcile(&demo);
     }
