@@ -148,24 +148,53 @@ async fn concurrent_failed_logins_never_pass_the_capacity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_successes_are_admitted_within_the_capacity_too() {
-    // Admission bounds concurrency: 50 at once, each held 100 ms, get 5 through even though
-    // every one of them would be refunded.
+    // Admission bounds concurrency: of 50 successful logins at once, 5 get in, although each
+    // would be refunded. The handler holds them until the other 45 have been answered, so the
+    // test does not depend on how fast the machine sends them.
     let (store, _clock) = manual_store();
-    let addr = common::http::serve(login_app(login_layer(store, "5/m"))).await;
-    let attempts = (0..50).map(|_| async move {
-        client()
-            .post(format!("http://{addr}/login"))
-            .header("x-user", "alice")
-            .header("x-password", "open-sesame")
-            .header("x-wait-ms", "100")
-            .send()
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let app = Router::new()
+        .route(
+            "/login",
+            post(move || {
+                let mut gate = gate.clone();
+                async move {
+                    let _ = gate.wait_for(|open| *open).await;
+                    StatusCode::OK
+                }
+            }),
+        )
+        .route("/quota", get(|| async { "quota" }))
+        .layer(login_layer(store, "5/m"));
+    let addr = common::http::serve(app).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..50 {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let status = attempt(addr, "alice", "open-sesame")
+                .await
+                .status()
+                .as_u16();
+            let _ = tx.send(status);
+        });
+    }
+    let mut statuses = Vec::new();
+    while statuses.len() < 45 {
+        let status = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
-            .unwrap()
-            .status()
-    });
-    let statuses = futures_join_all(attempts).await;
-    let count = |s: u16| statuses.iter().filter(|st| st.as_u16() == s).count();
-    assert_eq!((count(200), count(429)), (5, 45), "{statuses:?}");
+            .expect("45 requests denied while 5 are held")
+            .unwrap();
+        assert_eq!(
+            status, 429,
+            "a request passed while 5 were held: {statuses:?}"
+        );
+        statuses.push(status);
+    }
+    open.send(true).unwrap();
+    for _ in 0..5 {
+        let status = rx.recv().await.unwrap();
+        assert_eq!(status, 200);
+    }
     // All five were refunded once: the client is fresh again, not better.
     assert_eq!(ratelimit_of(addr, "alice").await, "\"login\";r=5;t=0");
 }
@@ -381,6 +410,8 @@ struct SlowAdjust<S> {
     delay: Duration,
     fail: Arc<AtomicBool>,
     adjusts: Arc<AtomicUsize>,
+    /// Notified when an adjustment has started (been polled).
+    started: Arc<tokio::sync::Notify>,
 }
 
 impl<S: Store + Clone> Store for SlowAdjust<S> {
@@ -393,7 +424,9 @@ impl<S: Store + Clone> Store for SlowAdjust<S> {
     fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<Self::Future> {
         let (inner, policy, key) = (self.inner.clone(), policy.clone(), key.clone());
         let (delay, fail, adjusts) = (self.delay, self.fail.clone(), self.adjusts.clone());
+        let started = self.started.clone();
         Some(Box::pin(async move {
+            started.notify_one();
             tokio::time::sleep(delay).await;
             adjusts.fetch_add(1, Ordering::SeqCst);
             if fail.load(Ordering::SeqCst) {
@@ -419,6 +452,7 @@ async fn a_settlement_in_flight_completes_once_when_the_response_is_dropped() {
         delay: Duration::from_millis(200),
         fail: Arc::default(),
         adjusts: Arc::default(),
+        started: Arc::default(),
     };
     let app = answering(200).layer(
         RateLimitLayer::builder("5/m".parse().unwrap())
@@ -432,15 +466,23 @@ async fn a_settlement_in_flight_completes_once_when_the_response_is_dropped() {
     let p = policy("p", "5/m");
     let k = Key::from("u");
     memory.check_now(&p, &k, 3);
-    // The response waits for the refund; the caller gives up first.
-    let gave_up = tokio::time::timeout(Duration::from_millis(50), app.oneshot(req("u", "/"))).await;
-    assert!(gave_up.is_err(), "the response waited for the settlement");
+    // The response waits for the refund; the caller gives up once it has started.
+    tokio::select! {
+        _ = app.oneshot(req("u", "/")) => panic!("the response did not wait for the settlement"),
+        () = store.started.notified() => {}
+    }
     assert_eq!(
         memory.check_now(&p, &k, 0).remaining(),
         1,
         "charged, not yet refunded"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..100 {
+        if store.adjusts.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
     // Given back once: 3 used, not 2.
     assert_eq!(memory.check_now(&p, &k, 0).remaining(), 2);
     assert_eq!(store.adjusts.load(Ordering::SeqCst), 1);
@@ -507,6 +549,7 @@ async fn a_failed_settlement_keeps_the_charge_is_counted_logged_and_not_retried(
         delay: Duration::ZERO,
         fail: Arc::new(AtomicBool::new(true)),
         adjusts: Arc::default(),
+        started: Arc::default(),
     };
     let layer = RateLimitLayer::builder("5/m".parse().unwrap())
         .policy("p")
@@ -549,6 +592,7 @@ async fn an_open_breaker_fails_settlements_fast() {
         delay: Duration::ZERO,
         fail: Arc::new(AtomicBool::new(true)),
         adjusts: Arc::default(),
+        started: Arc::default(),
     };
     let breaker = CircuitBreaker::new(flaky.clone())
         .config(BreakerConfig::new(1, Duration::from_secs(60)).unwrap());
