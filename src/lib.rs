@@ -47,8 +47,9 @@
 //! Minimum supported Rust version: 1.88.
 
 // A request flows through `layer` (built once) -> `service` (`call`) -> `future` (waits for
-// the store) -> `decide` (verdict, counters, logs) -> `response` / `headers` -> `store` ->
-// `gcra`; no module uses one before it in that order.
+// the store) -> `decide` (verdict, counters, logs; `settle` for charges settled after the
+// response) -> `response` / `headers` -> `store` -> `gcra`; no module uses one before it in
+// that order.
 pub mod clock;
 mod decide;
 pub mod decision;
