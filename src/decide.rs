@@ -48,6 +48,8 @@ pub(crate) struct Shared<St, K, R> {
     /// Charges (or gives back) the difference between the reserved cost and the
     /// [`ActualCost`] a response reports.
     pub(crate) reconcile: bool,
+    /// `refund` or `reconcile`: admitted requests keep their charge for the response.
+    pub(crate) settles: bool,
     pub(crate) fail_mode: FailMode,
     /// The local limiter for [`FailMode::Fallback`] (each tier has its divided policy).
     pub(crate) fallback: Option<MemoryStore>,
@@ -347,7 +349,7 @@ impl<St, K, R> Shared<St, K, R> {
         cost: u32,
         tier: usize,
     ) -> Option<Box<Charge>> {
-        if self.refund.is_none() && !self.reconcile {
+        if !self.settles {
             return None;
         }
         if !fields || !decision.is_allowed() || (cost == 0 && !self.reconcile) {

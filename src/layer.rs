@@ -798,6 +798,7 @@ impl<St, K, R> Builder<St, K, R> {
             key: self.key,
             cost: self.settings.cost,
             skip: self.settings.skip,
+            settles: self.settings.refund.is_some() || self.settings.reconcile,
             refund: self.settings.refund,
             reconcile: self.settings.reconcile,
             fail_mode: self.settings.fail_mode,
