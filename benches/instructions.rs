@@ -17,12 +17,20 @@
 //! - `refund-kept`: `allowed` with a refund rule (`skip_failed`) that keeps every charge (the
 //!   responses are 200): what a rule costs an admitted-and-kept request;
 //! - `refunded`: `allowed` with `skip_successful`: every charge is given back after the
-//!   response (one `MemoryStore::adjust_now` per request).
+//!   response (one `MemoryStore::adjust_now` per request);
+//! - `governor`, `governor-headers`, `governor-denied`: tower_governor 0.8 (the peer layer for
+//!   axum) with the same quotas, plain, with `use_headers()`, and every request denied.
+//!
+//! Every request also carries axum's `ConnectInfo<SocketAddr>`, which tower_governor reads, so
+//! that every mode builds the same request.
 #![allow(missing_docs)] // a bench binary
 
 use std::net::SocketAddr;
 
-use axum::{Router, body::Body, routing::get};
+#[path = "support/peer.rs"]
+mod peer;
+
+use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
 use http_body_util::BodyExt;
 use tollgate::key::{ClientIp, PeerAddr};
 use tollgate::{BoxStore, MemoryStore, Quota, RateLimitLayer, TierCache, Tiers};
@@ -34,8 +42,9 @@ fn request() -> http::Request<Body> {
         .header("host", "localhost")
         .body(Body::empty())
         .unwrap_or_default();
-    req.extensions_mut()
-        .insert(PeerAddr(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+    let peer = SocketAddr::from(([127, 0, 0, 1], 40_000));
+    req.extensions_mut().insert(PeerAddr(peer));
+    req.extensions_mut().insert(ConnectInfo(peer));
     req
 }
 
@@ -126,6 +135,9 @@ fn app(mode: &str) -> Router {
                 .build()
                 .unwrap_or_else(|e| panic!("{e}")),
         ),
+        "governor" => peer::governor(hello, peer::Governor::Plain),
+        "governor-headers" => peer::governor(hello, peer::Governor::Headers),
+        "governor-denied" => peer::governor(hello, peer::Governor::Denied),
         // The default layer reporting into a Prometheus recorder (feature `metrics`).
         #[cfg(feature = "metrics")]
         "prometheus" => {
@@ -137,7 +149,8 @@ fn app(mode: &str) -> Router {
         other => {
             eprintln!(
                 "unknown mode {other:?}: none, allowed, no-fields, busy, denied, boxed, \
-                 no-response-decisions, tiered, resolved, refund-kept, refunded"
+                 no-response-decisions, tiered, resolved, governor, governor-headers, \
+                 governor-denied, refund-kept, refunded"
             );
             std::process::exit(2)
         }

@@ -2,7 +2,8 @@
 //! router called through `tower::ServiceExt::oneshot` (response body read to the end) with no
 //! limiter, with two reference layers that decide nothing (`benches/support/reference.rs`), and
 //! with tollgate admitting (with and without rate-limit fields, and for a client that is never
-//! fresh) and denying. Every round runs each server for `REQUESTS` requests, starting one server
+//! fresh) and denying, and with the peer, tower_governor 0.8, plain, with headers and denying
+//! (`benches/support/peer.rs`). Every round runs each server for `REQUESTS` requests, starting one server
 //! later than the round before; the report gives, per server, the median time per request and
 //! the median of its per-round difference from the no-limiter run of the same round, with the
 //! range. On a shared machine whose speed drifts this is steadier than criterion estimates
@@ -20,6 +21,8 @@ use tollgate::key::{ClientIp, PeerAddr};
 use tollgate::{Quota, RateLimitLayer};
 use tower::ServiceExt;
 
+#[path = "support/peer.rs"]
+mod peer;
 #[path = "support/reference.rs"]
 mod reference;
 
@@ -29,8 +32,11 @@ fn request() -> http::Request<Body> {
         .header("host", "localhost")
         .body(Body::empty())
         .unwrap_or_default();
+    let peer = SocketAddr::from(([127, 0, 0, 1], 40_000));
+    req.extensions_mut().insert(PeerAddr(peer));
+    // What tower_governor reads.
     req.extensions_mut()
-        .insert(PeerAddr(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+        .insert(axum::extract::ConnectInfo(peer));
     req
 }
 
@@ -68,6 +74,18 @@ fn servers() -> Vec<(&'static str, Router)> {
         (
             "denied (429)",
             hello().layer(RateLimitLayer::new(quota("1/d"), ClientIp::new())),
+        ),
+        (
+            "tower_governor",
+            peer::governor(hello(), peer::Governor::Plain),
+        ),
+        (
+            "tower_governor, headers",
+            peer::governor(hello(), peer::Governor::Headers),
+        ),
+        (
+            "tower_governor, denied",
+            peer::governor(hello(), peer::Governor::Denied),
         ),
     ]
 }

@@ -13,6 +13,9 @@
 //! extensions and two fixed header fields on the response: the least work that yields what
 //! tollgate's allowed responses carry.
 //!
+//! The peer, tower_governor 0.8 (`benches/support/peer.rs`), with the same quotas: `governor`
+//! (plain), `governor-headers` (`use_headers()`) and `governor-denied`.
+//!
 //! ```text
 //! cargo run --release --example bench_server -- --mode allowed --listen 127.0.0.1:3001
 //! ```
@@ -23,6 +26,8 @@ use axum::{Router, routing::get};
 use tollgate::key::ClientIp;
 use tollgate::{Quota, RateLimitLayer};
 
+#[path = "../benches/support/peer.rs"]
+mod peer;
 #[path = "../benches/support/reference.rs"]
 mod reference;
 
@@ -75,6 +80,9 @@ fn main() {
             "denied" => hello.layer(RateLimitLayer::new(denied, ClientIp::new())),
             "passthrough" => hello.layer(reference::passthrough()),
             "floor" => hello.layer(reference::floor()),
+            "governor" => peer::governor(hello, peer::Governor::Plain),
+            "governor-headers" => peer::governor(hello, peer::Governor::Headers),
+            "governor-denied" => peer::governor(hello, peer::Governor::Denied),
             #[cfg(feature = "redis")]
             "redis-allowed" => {
                 let store = tollgate::store::redis::RedisStore::builder(&redis_url)

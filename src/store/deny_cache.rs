@@ -43,8 +43,11 @@
 //!
 //! At most `max_keys` entries (default [`DEFAULT_MAX_KEYS`]), one per denied (policy, key).
 //! Entries whose deny time has passed change no decision and are swept automatically as new
-//! denials arrive (amortised, no background task); past `max_keys`, the entries closest to
-//! expiry are evicted first. A hit takes one shard read lock of a `DashMap` and allocates
+//! denials arrive; at `max_keys`, the entries closest to expiry are evicted first, and a denial
+//! that finds the cache full is not remembered until there is room. No request waits for that
+//! work: as in the [`MemoryStore`](crate::MemoryStore), a pass over more than 8,192 entries
+//! runs on a sweeper thread of the cache's own (started when first needed, ended when the last
+//! clone is dropped); no cleanup task is needed. A hit takes one shard read lock of a `DashMap` and allocates
 //! nothing (short keys are stored inline); the layer gets it from [`Store::check_ready`], with
 //! no future at all, at about the cost of a `MemoryStore` denial (`benches/resilience.rs`).
 //! Multi-quota policies ([`Policy::multi`]) are remembered with one TAT per quota and decided
@@ -75,12 +78,11 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use pin_project_lite::pin_project;
 
 use crate::clock::{Clock, MonotonicClock};
@@ -89,7 +91,9 @@ use crate::error::StoreError;
 use crate::gcra;
 use crate::key::Key;
 use crate::quota::Quota;
-use crate::store::keyspace::{self, Bound, MAX_COMPOSED, StoredKey, eviction_threshold};
+use crate::store::keyspace::{
+    self, MAX_COMPOSED, Map, Plan, Removals, Sample, StoredKey, Sweep, Sweeper, Verdict, new_map,
+};
 use crate::store::{Policy, Store};
 
 /// The default bound on remembered denials.
@@ -107,8 +111,6 @@ pub struct DenyCache<S, C = MonotonicClock> {
     shared: Arc<Shared<C>>,
 }
 
-type Map<V> = DashMap<StoredKey, V, ahash::RandomState>;
-
 struct Shared<C> {
     /// Single-quota policies: one slot per client.
     map: Map<Slot>,
@@ -116,7 +118,8 @@ struct Shared<C> {
     multi: Map<Box<[Slot]>>,
     clock: C,
     max_keys: AtomicUsize,
-    bound: Bound,
+    /// Counts the entries and runs the passes over them.
+    sweeper: Sweeper,
     local_denials: AtomicU64,
     store_calls: AtomicU64,
     /// `tollgate_deny_cache_hits_total`.
@@ -187,7 +190,7 @@ impl<S> DenyCache<S> {
     pub fn new(store: S) -> Self {
         Self {
             store,
-            shared: Arc::new(Shared::new(MonotonicClock::new(), DEFAULT_MAX_KEYS)),
+            shared: Shared::new(MonotonicClock::new(), DEFAULT_MAX_KEYS),
         }
     }
 }
@@ -203,7 +206,25 @@ impl<S, C: Clock> DenyCache<S, C> {
     /// assert_eq!(store.max_key_count(), 1_000);
     /// ```
     #[must_use]
-    pub fn max_keys(self, max_keys: usize) -> Self {
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        // Called before cloning, on an empty cache (as a builder step): maps sized afresh, with
+        // shards small enough for the new bound.
+        if Arc::strong_count(&self.shared) == 1 && self.is_empty() {
+            match Arc::try_unwrap(self.shared) {
+                Ok(old) => {
+                    let shared = Shared::new(old.clock, max_keys);
+                    for (new, old) in [
+                        (&shared.local_denials, &old.local_denials),
+                        (&shared.store_calls, &old.store_calls),
+                    ] {
+                        new.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
+                    }
+                    self.shared = shared;
+                    return self;
+                }
+                Err(shared) => self.shared = shared,
+            }
+        }
         self.shared.max_keys.store(max_keys, Ordering::Relaxed);
         self
     }
@@ -223,7 +244,7 @@ impl<S, C: Clock> DenyCache<S, C> {
         let max_keys = self.shared.max_keys.load(Ordering::Relaxed);
         DenyCache {
             store: self.store,
-            shared: Arc::new(Shared::new(clock, max_keys)),
+            shared: Shared::new(clock, max_keys),
         }
     }
 
@@ -264,18 +285,22 @@ impl<S, C: Clock> DenyCache<S, C> {
         }
     }
 
-    /// Forgets every remembered denial whose deny time has passed. This runs automatically; call
-    /// it only to release memory at a moment of your choosing.
+    /// Forgets every remembered denial whose deny time has passed, and if the cache is full,
+    /// the entries closest to expiry until it is 1/16 below `max_keys`. This runs automatically;
+    /// call it only to release memory at a moment of your choosing. It waits for an automatic
+    /// pass under way, then makes its own.
     pub fn sweep(&self) {
-        let now = self.shared.clock.now_micros();
-        self.shared.sweep(now);
+        self.shared.sweep_now(true);
     }
 
     /// Forgets every remembered denial (the store's state is untouched).
     pub fn clear(&self) {
-        self.shared.map.clear();
-        self.shared.multi.clear();
-        self.shared.bound.reset();
+        let shared = &*self.shared;
+        shared.map.clear();
+        shared.multi.clear();
+        shared
+            .sweeper
+            .reset(shared.max_keys.load(Ordering::Relaxed));
     }
 }
 
@@ -302,17 +327,20 @@ impl<S: fmt::Debug, C> fmt::Debug for DenyCache<S, C> {
 }
 
 impl<C: Clock> Shared<C> {
-    fn new(clock: C, max_keys: usize) -> Self {
-        Self {
-            map: DashMap::with_hasher(ahash::RandomState::new()),
-            multi: DashMap::with_hasher(ahash::RandomState::new()),
-            clock,
-            max_keys: AtomicUsize::new(max_keys),
-            bound: Bound::new(MIN_SWEEP_INTERVAL),
-            local_denials: AtomicU64::new(0),
-            store_calls: AtomicU64::new(0),
-            hits: crate::telemetry::CounterHandle::new("tollgate_deny_cache_hits_total"),
-        }
+    fn new(clock: C, max_keys: usize) -> Arc<Self> {
+        Arc::new_cyclic(|shared: &Weak<Self>| {
+            let target: Weak<dyn Sweep> = shared.clone();
+            Self {
+                map: new_map(max_keys),
+                multi: new_map(max_keys),
+                clock,
+                max_keys: AtomicUsize::new(max_keys),
+                sweeper: Sweeper::new(MIN_SWEEP_INTERVAL, max_keys, target),
+                local_denials: AtomicU64::new(0),
+                store_calls: AtomicU64::new(0),
+                hits: crate::telemetry::CounterHandle::new("tollgate_deny_cache_hits_total"),
+            }
+        })
     }
 
     fn len(&self) -> usize {
@@ -375,7 +403,8 @@ impl<C: Clock> Shared<C> {
                 }
                 drop(slot);
                 // Remembered under another quota of the same name: replaced or dropped.
-                self.map.remove(key);
+                self.sweeper
+                    .removed(usize::from(self.map.remove(key).is_some()));
             }
             if denied {
                 self.insert(&self.map, key, Slot::new(quota, tat(d)));
@@ -390,7 +419,8 @@ impl<C: Clock> Shared<C> {
                 return;
             }
             drop(slots);
-            self.multi.remove(key);
+            self.sweeper
+                .removed(usize::from(self.multi.remove(key).is_some()));
         }
         if denied {
             let slots = quotas
@@ -407,43 +437,92 @@ impl<C: Clock> Shared<C> {
         if max_keys == 0 {
             return;
         }
-        let now = self.clock.now_micros();
-        if self.bound.approx_len() >= max_keys {
-            self.sweep(now);
-            if self.len() >= max_keys {
-                // Another thread is sweeping, or everything is still live: skip this one.
+        let len = self.sweeper.len();
+        if len >= max_keys {
+            // Full: the sweeper makes room whatever the count says by the time it runs.
+            self.sweeper.found_full();
+            self.make_room(len);
+            if self.sweeper.len() >= max_keys {
+                // Still full (the pass runs on the sweeper thread, or everything is live): a
+                // cache may forget, so this denial is not remembered.
                 return;
             }
         }
-        map.insert(StoredKey::new(key), value);
-        if self.bound.note_insert() {
-            self.sweep(now);
+        if map.insert(StoredKey::new(key), value).is_none() {
+            let len = self.sweeper.inserted();
+            if self.sweeper.is_due(len) {
+                self.make_room(len);
+            }
+        }
+    }
+
+    /// A pass is due: runs it here if the maps are small (a bounded pass), or else wakes the
+    /// sweeper and returns at once.
+    fn make_room(&self, len: usize) {
+        match self.sweeper.small_pass(len) {
+            Some(mut stamps) => self.pass(&mut stamps, false),
+            None => self.sweeper.request(),
         }
     }
 
     fn remove(&self, key: &[u8]) {
-        self.map.remove(key);
-        self.multi.remove(key);
+        let removed = usize::from(self.map.remove(key).is_some())
+            + usize::from(self.multi.remove(key).is_some());
+        self.sweeper.removed(removed);
     }
 
-    /// Drops entries whose deny time has passed; if still full, evicts the entries closest to
-    /// expiry until 1/16 below `max_keys`.
-    fn sweep(&self, now: u64) {
-        self.bound.sweep(|| {
-            self.map.retain(|_, slot| slot.tat() > now);
-            self.multi.retain(|_, slots| latest(slots) > now);
-            let max_keys = self.max_keys.load(Ordering::Relaxed);
-            let stamps = self
-                .map
-                .iter()
-                .map(|e| e.value().tat())
-                .chain(self.multi.iter().map(|e| latest(e.value())));
-            if let Some(threshold) = eviction_threshold(self.len(), max_keys, stamps) {
-                self.map.retain(|_, slot| slot.tat() > threshold);
-                self.multi.retain(|_, slots| latest(slots) > threshold);
+    /// One pass, now, on this thread: waits for one under way.
+    fn sweep_now(&self, asked: bool) {
+        let mut stamps = self.sweeper.lock_pass();
+        self.pass(&mut stamps, asked);
+    }
+
+    /// Drops entries whose deny time has passed; if the cache is full, evicts the entries
+    /// closest to expiry until it is 1/16 below `max_keys` (placed by a sample of the deny
+    /// times, see `keyspace::Sample`). The pass lock is held; `stamps` is its buffer.
+    fn pass(&self, stamps: &mut Vec<u64>, asked: bool) {
+        let found_full = self.sweeper.take_full();
+        let now = self.clock.now_micros();
+        let max_keys = self.max_keys.load(Ordering::Relaxed);
+        let plan = if Plan::needs_sample(self.sweeper.len(), max_keys) {
+            let len = self.len();
+            let mut sample = Sample::new(len, now, stamps);
+            let share = sample.share(self.map.len());
+            for entry in self.map.iter().take(share) {
+                sample.offer(entry.value().tat());
             }
-            self.len()
-        });
+            let share = sample.share(self.multi.len());
+            for entry in self.multi.iter().take(share) {
+                sample.offer(latest(entry.value()));
+            }
+            let full = Plan::is_full(len, max_keys, found_full, asked);
+            sample.plan(max_keys, full, 0)
+        } else {
+            Plan::fresh(now)
+        };
+        {
+            let mut removals = Removals::new(&self.sweeper, &plan);
+            let mut keep = |stamp: u64| match plan.judge(stamp) {
+                Verdict::Keep | Verdict::Candidate => true,
+                Verdict::Remove => {
+                    removals.one();
+                    false
+                }
+            };
+            self.map.retain(|_, slot| keep(slot.tat()));
+            self.multi.retain(|_, slots| keep(latest(slots)));
+        }
+        self.sweeper.passed(max_keys);
+    }
+}
+
+impl<C: Clock> Sweep for Shared<C> {
+    fn due(&self) -> bool {
+        self.sweeper.is_due(self.sweeper.len())
+    }
+
+    fn sweep(&self) {
+        self.sweep_now(false);
     }
 }
 
@@ -889,6 +968,53 @@ mod tests {
         clock.advance(Duration::from_secs(3_600));
         cache.sweep();
         assert!(cache.is_empty());
+    }
+
+    /// A cache too large for a pass to run where it falls due: with its sweeper stalled (the
+    /// pass lock held here), denials that find it full are not remembered, and nothing waits;
+    /// once the sweeper runs, the entries closest to expiry go, down to 1/16 below the bound.
+    #[test]
+    fn a_full_cache_never_waits_for_its_sweeper() {
+        const MAX: u64 = 16_384;
+        let clock = ManualClock::new();
+        let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+        let cache = DenyCache::new(store)
+            .clock(clock.clone())
+            .max_keys(MAX as usize);
+        let p = policy("1/h");
+        let deny = |i: u64| {
+            let k = Key::from(i);
+            now(cache.check(&p, &k, 1)).unwrap();
+            clock.advance(Duration::from_micros(1));
+            assert!(!now(cache.check(&p, &k, 1)).unwrap().is_allowed());
+        };
+        for i in 0..MAX {
+            deny(i);
+        }
+        cache.shared.sweeper.settle();
+        assert_eq!(cache.len(), MAX as usize);
+
+        let stalled = cache.shared.sweeper.lock_pass();
+        for i in MAX..MAX + 100 {
+            deny(i);
+            assert_eq!(cache.len(), MAX as usize, "full: not remembered");
+        }
+        drop(stalled);
+        cache.shared.sweeper.settle();
+        assert_eq!(cache.len(), (MAX - MAX / 16 - 1) as usize);
+        let calls = cache.stats().store_calls;
+        now(cache.check(&p, &Key::from(MAX - 1), 1)).unwrap();
+        assert_eq!(
+            cache.stats().store_calls,
+            calls,
+            "the latest denial is still local"
+        );
+        now(cache.check(&p, &Key::from(0u64), 1)).unwrap();
+        assert_eq!(
+            cache.stats().store_calls,
+            calls + 1,
+            "the earliest was evicted"
+        );
     }
 
     #[test]

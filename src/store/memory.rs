@@ -5,10 +5,25 @@
 //! from a frozen copy, below): no mutex, no allocation for a known key, and a denial writes
 //! nothing. Only a new key takes a shard's write lock, once.
 //!
-//! The map is bounded: past `max_keys` entries, states that are already fresh (their TAT has
-//! passed, so forgetting them changes no decision) are swept, then the entries closest to fresh
-//! are evicted. Expired entries are also swept automatically as new keys arrive (amortised O(1)
-//! per insert), so no cleanup task is needed.
+//! The map is bounded: it never holds more than `max_keys` entries (give or take the inserts
+//! under way on other threads at that instant). States that are already fresh (their TAT has
+//! passed, so forgetting them changes no decision) are swept, and once the map reaches 15/16
+//! of `max_keys` the entries closest to fresh are evicted, 1/16 at a time: the last 1/16 is
+//! room kept for the inserts that arrive while that work is being done. A request never waits
+//! for it, nor does it itself beyond a pass over at most 8,192 entries (tens of microseconds):
+//! larger passes run on the store's one sweeper thread, started when the first such pass is
+//! due and ended when the last clone of the store is dropped; an insert only counts itself and,
+//! when a pass is due, wakes it. No cleanup task is needed. The sweeper holds each shard's lock
+//! for a few microseconds (shards hold about 1,024 entries at the bound), so a decision may
+//! wait that long, or, on a machine with more runnable threads than cores, for as long as the
+//! sweeper is descheduled while it holds one.
+//!
+//! Every pass near the bound also names the next entries closest to fresh. An insert that
+//! finds the map past 15/16 before the sweeper has made room evicts one of those itself (a
+//! lookup and a removal, never a pass). Only if the sweeper has fallen further behind than that
+//! (no named entry left, for instance when it got no CPU time for the while it takes to insert
+//! 1/16 of the bound) does the map grow into the room kept; the insert that reaches `max_keys`
+//! sweeps the map itself, as a last resort.
 //!
 //! A client denied even a request of cost 1 has a *frozen* state: with a clock that never goes
 //! back ([`Clock::is_monotonic`]), nothing but a removal can change it until the clock thaws it
@@ -16,11 +31,12 @@
 //! is denied from core-local memory, with the same result the map would give, and the cores
 //! serving it write no shared cache line. Resets and sweeps void every copy.
 
+use std::borrow::Borrow;
 use std::future::{Ready, ready};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
-use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 
 use crate::clock::{Clock, MonotonicClock};
 use crate::decision::Decision;
@@ -28,7 +44,10 @@ use crate::error::{ConfigError, StoreError};
 use crate::gcra;
 use crate::key::Key;
 use crate::store::frozen::{self, Frozen};
-use crate::store::keyspace::{Bound, MAX_COMPOSED, StoredKey, compose, eviction_threshold};
+use crate::store::keyspace::{
+    MAX_COMPOSED, Map, Plan, Removals, Sample, StoredKey, Sweep, Sweeper, Verdict, compose,
+    new_map, room_target,
+};
 use crate::store::{Policy, PolicyRegistry, Store};
 use crate::telemetry;
 
@@ -37,6 +56,10 @@ pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 
 /// Fewest new keys between two automatic sweeps.
 const MIN_SWEEP_INTERVAL: usize = 4_096;
+
+/// Named candidates an insert at the bound tries before it gives up on them (they may have
+/// been charged, or removed, since they were named).
+const EVICTION_TRIES: usize = 4;
 
 /// An in-process store: exact, a shard read guard and a compare-and-swap per decision, bounded
 /// in memory.
@@ -65,11 +88,20 @@ struct Inner<C> {
     /// The first policies seen each get maps of their own, keyed by the bare client key: a
     /// decision then copies nothing. Found by name with a few pointer compares, no hashing.
     slots: [OnceLock<PolicySlot>; POLICY_SLOTS],
-    /// Policies beyond the slots share these, keyed by `[name length][name][key]`.
-    overflow: Maps,
+    /// Policies beyond the slots share these, keyed by `[name length][name][key]` (made when
+    /// first needed).
+    overflow: OnceLock<Maps>,
     clock: C,
+    /// The bound on entries, which the store never exceeds.
     max_keys: usize,
-    bound: Bound,
+    /// Where the sweeping aims: 1/16 below `max_keys`, so that the 1/16 inserts may overshoot
+    /// it by while the sweeper catches up still fits within `max_keys` (see [`room_target`]).
+    target: usize,
+    /// Counts the entries and runs the passes over them, on a thread of its own.
+    sweeper: Sweeper,
+    /// The entries closest to fresh after those the last pass evicted, the closest last: what
+    /// an insert that finds the store full evicts, one at a time.
+    candidates: Mutex<Vec<Candidate>>,
     /// Frozen denials remembered per thread, for policies with a slot of their own.
     frozen: Frozen,
     /// The policies layers were built with, so that two never share a name by accident.
@@ -87,22 +119,43 @@ struct PolicySlot {
 }
 
 struct Maps {
-    map: DashMap<StoredKey, AtomicU64, ahash::RandomState>,
+    map: Map<AtomicU64>,
     /// Policies of several quotas: one TAT per quota, updated together under the shard's
-    /// write lock so that the decision over all of them is atomic.
-    multi: DashMap<StoredKey, Box<[u64]>, ahash::RandomState>,
+    /// write lock so that the decision over all of them is atomic (made when first needed).
+    multi: OnceLock<Map<Box<[u64]>>>,
+}
+
+/// Which maps an entry is in: a policy slot's (by index) or the overflow maps; the multi-quota
+/// map or not.
+#[derive(Debug, Clone, Copy)]
+struct MapsAt {
+    slot: Option<u8>,
+    multi: bool,
+}
+
+/// An entry named by a pass as one of the next to evict, with its latest TAT then: it is only
+/// evicted if it has not been charged since.
+struct Candidate {
+    at: MapsAt,
+    key: StoredKey,
+    tat: u64,
+}
+
+/// The latest of a multi-quota entry's TATs: it changes no decision once that has passed.
+fn latest(tats: &[u64]) -> u64 {
+    tats.iter().copied().max().unwrap_or(0)
 }
 
 impl Maps {
-    fn new() -> Self {
+    fn new(max_keys: usize) -> Self {
         Self {
-            map: DashMap::with_hasher(ahash::RandomState::new()),
-            multi: DashMap::with_hasher(ahash::RandomState::new()),
+            map: new_map(max_keys),
+            multi: OnceLock::new(),
         }
     }
 
     fn len(&self) -> usize {
-        self.map.len() + self.multi.len()
+        self.map.len() + self.multi.get().map_or(0, Map::len)
     }
 }
 
@@ -148,7 +201,9 @@ pub struct MemoryStoreBuilder<C> {
 }
 
 impl<C: Clock> MemoryStoreBuilder<C> {
-    /// At most this many keys are kept (default 1,000,000); see the module docs for eviction.
+    /// At most this many keys are kept (default 1,000,000), give or take the inserts of the
+    /// moment on other threads. Eviction starts at 15/16 of it, so that the last 1/16 is room
+    /// for the inserts that arrive while the sweeper thread makes room. See the module docs.
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
         self
@@ -178,14 +233,19 @@ impl<C: Clock> MemoryStoreBuilder<C> {
 impl<C: Clock> MemoryStore<C> {
     fn build(clock: C, max_keys: usize) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                slots: std::array::from_fn(|_| OnceLock::new()),
-                overflow: Maps::new(),
-                clock,
-                max_keys,
-                bound: Bound::new(MIN_SWEEP_INTERVAL),
-                frozen: Frozen::new(),
-                registry: PolicyRegistry::new(),
+            inner: Arc::new_cyclic(|inner: &Weak<Inner<C>>| {
+                let target: Weak<dyn Sweep> = inner.clone();
+                Inner {
+                    slots: std::array::from_fn(|_| OnceLock::new()),
+                    overflow: OnceLock::new(),
+                    clock,
+                    max_keys,
+                    target: room_target(max_keys),
+                    sweeper: Sweeper::new(MIN_SWEEP_INTERVAL, room_target(max_keys), target),
+                    candidates: Mutex::new(Vec::new()),
+                    frozen: Frozen::new(),
+                    registry: PolicyRegistry::new(),
+                }
             }),
         }
     }
@@ -204,7 +264,7 @@ impl<C: Clock> MemoryStore<C> {
             None => {
                 let mut buf = [0u8; MAX_COMPOSED];
                 let composed = compose(&mut buf, policy, key);
-                inner.decide(&inner.overflow, None, composed, now, policy, cost)
+                inner.decide(inner.overflow(), None, composed, now, policy, cost)
             }
         }
     }
@@ -231,7 +291,7 @@ impl<C: Clock> MemoryStore<C> {
         let mut buf = [0u8; MAX_COMPOSED];
         let (maps, stored) = match inner.slot(policy) {
             Some((_, maps)) => (maps, key.as_bytes()),
-            None => (&inner.overflow, compose(&mut buf, policy, key)),
+            None => (inner.overflow(), compose(&mut buf, policy, key)),
         };
         // A frozen state may change now: every thread's copies are void from here on (an
         // adjustment is rare next to checks, so this costs the flood path little).
@@ -255,19 +315,27 @@ impl<C: Clock> MemoryStore<C> {
         let mut buf = [0u8; MAX_COMPOSED];
         let (maps, stored) = match inner.slot(policy) {
             Some((_, maps)) => (maps, key.as_bytes()),
-            None => (&inner.overflow, compose(&mut buf, policy, key)),
+            None => match inner.overflow.get() {
+                Some(maps) => (maps, compose(&mut buf, policy, key)),
+                None => return,
+            },
         };
         // Every thread's copies of this store's states are void from here on.
         let _removal = inner.frozen.removal();
-        maps.map.remove(stored);
-        maps.multi.remove(stored);
+        let single = maps.map.remove(stored).is_some();
+        let multi = maps.multi.get().and_then(|multi| multi.remove(stored));
+        inner
+            .sweeper
+            .removed(usize::from(single) + usize::from(multi.is_some()));
     }
 
-    /// Removes every state that is already fresh (its TAT has passed). This runs automatically;
-    /// call it only to release memory at a moment of your choosing.
+    /// Removes every state that is already fresh (its TAT has passed), and if the store holds
+    /// more than 15/16 of `max_keys`, evicts the entries closest to fresh until it is 1/16 below
+    /// that. This runs
+    /// automatically, on the store's sweeper thread; call it only to release memory at a moment
+    /// of your choosing. It waits for an automatic pass under way, then makes its own.
     pub fn sweep(&self) {
-        let now = self.inner.clock.now_micros();
-        self.inner.sweep(now);
+        self.inner.sweep_now(true);
     }
 }
 
@@ -315,7 +383,7 @@ impl<C: Clock> Inner<C> {
                 Some(taken) => taken,
                 None => slot.get_or_init(|| PolicySlot {
                     name: Arc::clone(name),
-                    maps: Maps::new(),
+                    maps: Maps::new(self.max_keys),
                 }),
             };
             if Arc::ptr_eq(&taken.name, name) || *taken.name == **name {
@@ -326,10 +394,30 @@ impl<C: Clock> Inner<C> {
     }
 
     fn all_maps(&self) -> impl Iterator<Item = &Maps> {
-        self.slots
-            .iter()
-            .filter_map(|slot| slot.get().map(|s| &s.maps))
-            .chain(std::iter::once(&self.overflow))
+        self.all_maps_at().map(|(_, maps)| maps)
+    }
+
+    /// Every policy slot's maps (with the slot's index), then the overflow maps.
+    fn all_maps_at(&self) -> impl Iterator<Item = (Option<u8>, &Maps)> {
+        (0u8..)
+            .zip(&self.slots)
+            .filter_map(|(index, slot)| slot.get().map(|s| (Some(index), &s.maps)))
+            .chain(self.overflow.get().map(|maps| (None, maps)))
+    }
+
+    fn maps_at(&self, slot: Option<u8>) -> Option<&Maps> {
+        match slot {
+            Some(index) => self
+                .slots
+                .get(usize::from(index))
+                .and_then(OnceLock::get)
+                .map(|s| &s.maps),
+            None => self.overflow.get(),
+        }
+    }
+
+    fn overflow(&self) -> &Maps {
+        self.overflow.get_or_init(|| Maps::new(self.max_keys))
     }
 
     /// One decision against `maps`, where the client's entry is spelled `stored`; `slot` is
@@ -381,15 +469,18 @@ impl<C: Clock> Inner<C> {
         if fresh.write.is_none() {
             return fresh.decision;
         }
-        self.make_room(now);
-        let (current, now, _) = {
-            let tat = maps
-                .map
-                .entry(StoredKey::new(stored))
-                .or_insert_with(|| AtomicU64::new(0));
-            charge(&tat, &self.clock, quota, cost)
+        let (current, now, inserted) = {
+            let (tat, inserted) = match maps.map.entry(StoredKey::new(stored)) {
+                // Inserted by another thread since the lookup above.
+                Entry::Occupied(entry) => (entry.into_ref(), false),
+                Entry::Vacant(entry) => (entry.insert(AtomicU64::new(0)), true),
+            };
+            let (current, now, _) = charge(&tat, &self.clock, quota, cost);
+            (current, now, inserted)
         };
-        self.after_insert(now);
+        if inserted {
+            self.after_insert();
+        }
         gcra::step(current, now, quota, cost).decision
     }
 
@@ -415,7 +506,8 @@ impl<C: Clock> Inner<C> {
             }
             step.decision
         };
-        if let Some(mut tats) = maps.multi.get_mut(stored) {
+        let multi = maps.multi.get_or_init(|| new_map(self.max_keys));
+        if let Some(mut tats) = multi.get_mut(stored) {
             return decide(&mut tats);
         }
         let fresh = vec![0u64; quotas.len()];
@@ -423,15 +515,16 @@ impl<C: Clock> Inner<C> {
         if step.writes.is_none() {
             return step.decision;
         }
-        self.make_room(now);
-        let decision = {
-            let mut tats = maps
-                .multi
-                .entry(StoredKey::new(stored))
-                .or_insert_with(|| fresh.into_boxed_slice());
-            decide(&mut tats)
+        let (decision, inserted) = {
+            let (mut tats, inserted) = match multi.entry(StoredKey::new(stored)) {
+                Entry::Occupied(entry) => (entry.into_ref(), false),
+                Entry::Vacant(entry) => (entry.insert(fresh.into_boxed_slice()), true),
+            };
+            (decide(&mut tats), inserted)
         };
-        self.after_insert(now);
+        if inserted {
+            self.after_insert();
+        }
         decision
     }
 
@@ -465,15 +558,16 @@ impl<C: Clock> Inner<C> {
             if delta <= 0 {
                 return gcra::adjust(0, now, quota, delta).decision;
             }
-            self.make_room(now);
-            let decision = {
-                let tat = maps
-                    .map
-                    .entry(StoredKey::new(stored))
-                    .or_insert_with(|| AtomicU64::new(0));
-                cas(&tat)
+            let (decision, inserted) = {
+                let (tat, inserted) = match maps.map.entry(StoredKey::new(stored)) {
+                    Entry::Occupied(entry) => (entry.into_ref(), false),
+                    Entry::Vacant(entry) => (entry.insert(AtomicU64::new(0)), true),
+                };
+                (cas(&tat), inserted)
             };
-            self.after_insert(now);
+            if inserted {
+                self.after_insert();
+            }
             return decision;
         }
         let apply = |tats: &mut [u64]| {
@@ -486,81 +580,200 @@ impl<C: Clock> Inner<C> {
             }
             step.decision
         };
-        if let Some(mut tats) = maps.multi.get_mut(stored) {
-            return apply(&mut tats);
-        }
         let mut fresh = vec![0u64; quotas.len()];
         if delta <= 0 {
-            return apply(&mut fresh);
+            let Some(multi) = maps.multi.get() else {
+                return apply(&mut fresh);
+            };
+            return match multi.get_mut(stored) {
+                Some(mut tats) => apply(&mut tats),
+                None => apply(&mut fresh),
+            };
         }
-        self.make_room(now);
-        let decision = {
-            let mut tats = maps
-                .multi
-                .entry(StoredKey::new(stored))
-                .or_insert_with(|| fresh.into_boxed_slice());
-            apply(&mut tats)
+        let multi = maps.multi.get_or_init(|| new_map(self.max_keys));
+        let (decision, inserted) = {
+            let (mut tats, inserted) = match multi.entry(StoredKey::new(stored)) {
+                Entry::Occupied(entry) => (entry.into_ref(), false),
+                Entry::Vacant(entry) => (entry.insert(fresh.into_boxed_slice()), true),
+            };
+            (apply(&mut tats), inserted)
         };
-        self.after_insert(now);
+        if inserted {
+            self.after_insert();
+        }
         decision
     }
 
-    fn make_room(&self, now: u64) {
-        if self.bound.approx_len() >= self.max_keys {
-            self.sweep(now);
+    /// After a new key landed (its shard's lock released): counts it, and if a pass is due,
+    /// runs it here when the maps are small (a bounded pass, see `SMALL_PASS`), or else wakes
+    /// the sweeper. Past the bound, makes room at once by evicting one named candidate; past
+    /// `max_keys + max_keys / 16` with none left, sweeps here as a last resort.
+    #[inline]
+    fn after_insert(&self) {
+        let len = self.sweeper.inserted();
+        if !self.sweeper.is_due(len) {
+            return;
         }
-    }
-
-    fn after_insert(&self, now: u64) {
-        if self.bound.note_insert() {
-            self.sweep(now);
+        if let Some(mut stamps) = self.sweeper.small_pass(len) {
+            self.pass_locked(&mut stamps, false);
+            return;
         }
-    }
-
-    /// Drops fresh states; if the maps are still full, evicts the entries closest to fresh
-    /// until they are 1/16 below `max_keys`.
-    fn sweep(&self, now: u64) {
-        let latest = |tats: &[u64]| tats.iter().copied().max().unwrap_or(0);
-        self.bound.sweep(|| {
-            let _removal = self.frozen.removal();
-            let before: usize = self.all_maps().map(Maps::len).sum();
-            for maps in self.all_maps() {
-                maps.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
-                maps.multi.retain(|_, tats| latest(tats) > now);
+        if len > self.target {
+            if !self.evict_candidate() && len >= self.max_keys {
+                self.sweep_now(false);
+                return;
             }
-            let len: usize = self.all_maps().map(Maps::len).sum();
-            // Fresh states: forgetting them changes no decision.
-            telemetry::add(
-                "tollgate_memory_evictions_total",
-                &[("reason", "fresh")],
-                before.saturating_sub(len),
-            );
-            let stamps = self.all_maps().flat_map(|maps| {
+            // Full: the sweeper makes room whatever the count says by the time it runs.
+            self.sweeper.found_full();
+        }
+        self.sweeper.request();
+    }
+
+    /// Evicts the closest to fresh of the candidates the last pass named that has not been
+    /// charged since; false if none is left (after a few tries).
+    #[cold]
+    fn evict_candidate(&self) -> bool {
+        for _ in 0..EVICTION_TRIES {
+            let Some(candidate) = lock(&self.candidates).pop() else {
+                return false;
+            };
+            let Some(maps) = self.maps_at(candidate.at.slot) else {
+                continue;
+            };
+            // Every thread's copies of this store's states are void from here on.
+            let _removal = self.frozen.removal();
+            let key: &[u8] = candidate.key.borrow();
+            let evicted = if candidate.at.multi {
+                maps.multi
+                    .get()
+                    .and_then(|multi| multi.remove_if(key, |_, tats| latest(tats) <= candidate.tat))
+                    .is_some()
+            } else {
                 maps.map
-                    .iter()
-                    .map(|e| e.value().load(Ordering::Relaxed))
-                    .chain(maps.multi.iter().map(|e| latest(e.value())))
-                    .collect::<Vec<_>>()
-            });
-            if let Some(threshold) = eviction_threshold(len, self.max_keys, stamps) {
-                for maps in self.all_maps() {
-                    maps.map
-                        .retain(|_, tat| tat.load(Ordering::Relaxed) > threshold);
-                    maps.multi.retain(|_, tats| latest(tats) > threshold);
+                    .remove_if(key, |_, tat| tat.load(Ordering::Relaxed) <= candidate.tat)
+                    .is_some()
+            };
+            if evicted {
+                self.sweeper.removed(1);
+                // A state that was not fresh yet: that client gets a fresh start.
+                telemetry::add(
+                    "tollgate_memory_evictions_total",
+                    &[("reason", "capacity")],
+                    1,
+                );
+                return true;
+            }
+        }
+        false
+    }
+
+    /// One pass, now, on this thread: waits for one under way.
+    fn sweep_now(&self, asked: bool) {
+        let mut stamps = self.sweeper.lock_pass();
+        self.pass_locked(&mut stamps, asked);
+    }
+
+    /// One pass, the pass lock held (`stamps` is its buffer).
+    fn pass_locked(&self, stamps: &mut Vec<u64>, asked: bool) {
+        let now = self.clock.now_micros();
+        self.pass(now, stamps, asked);
+        self.sweeper.passed(self.target);
+    }
+
+    /// Drops fresh states; if the maps are full, evicts the entries closest to fresh until they
+    /// are 1/16 below `max_keys`. Near the bound, looks at a sample of the TATs first (a few
+    /// shards' worth), to place the threshold of those and of the next entries closest to
+    /// fresh, which it names as candidates for evictions to come; then visits every entry once
+    /// to remove what goes (a write lock on one small shard at a time).
+    fn pass(&self, now: u64, stamps: &mut Vec<u64>, asked: bool) {
+        let found_full = self.sweeper.take_full();
+        let plan = if Plan::needs_sample(self.sweeper.len(), self.target) {
+            let len = self.all_maps().map(Maps::len).sum();
+            let mut sample = Sample::new(len, now, stamps);
+            for maps in self.all_maps() {
+                let share = sample.share(maps.map.len());
+                for entry in maps.map.iter().take(share) {
+                    sample.offer(entry.value().load(Ordering::Relaxed));
+                }
+                if let Some(multi) = maps.multi.get() {
+                    let share = sample.share(multi.len());
+                    for entry in multi.iter().take(share) {
+                        sample.offer(latest(entry.value()));
+                    }
                 }
             }
-            let left: usize = self.all_maps().map(Maps::len).sum();
-            // States that were not fresh yet: those clients get a fresh start, so many of
-            // these mean `max_keys` is too small.
-            telemetry::add(
-                "tollgate_memory_evictions_total",
-                &[("reason", "capacity")],
-                len.saturating_sub(left),
-            );
-            #[allow(clippy::cast_precision_loss)] // a gauge: exact to 2^53 keys
-            telemetry::gauge_unlabelled("tollgate_memory_keys", left as f64);
-            left
-        });
+            let full = Plan::is_full(len, self.target, found_full, asked);
+            sample.plan(self.target, full, self.target / 16)
+        } else {
+            Plan::fresh(now)
+        };
+        let mut named = Vec::with_capacity(plan.candidates());
+        let (mut fresh, mut capacity) = (0usize, 0usize);
+        {
+            // Every thread's copies of this store's states are void from here until the end.
+            let _removal = self.frozen.removal();
+            let mut removals = Removals::new(&self.sweeper, &plan);
+            for (slot, maps) in self.all_maps_at() {
+                let mut judge = |key: &StoredKey, tat: u64, multi: bool| match plan.judge(tat) {
+                    Verdict::Keep => true,
+                    Verdict::Remove => {
+                        removals.one();
+                        // Fresh states: forgetting them changes no decision. The others were
+                        // not fresh yet, and many of them mean `max_keys` is too small.
+                        if tat <= now {
+                            fresh += 1;
+                        } else {
+                            capacity += 1;
+                        }
+                        false
+                    }
+                    Verdict::Candidate => {
+                        if named.len() < plan.candidates() {
+                            let at = MapsAt { slot, multi };
+                            let key = key.clone();
+                            named.push(Candidate { at, key, tat });
+                        }
+                        true
+                    }
+                };
+                maps.map
+                    .retain(|key, tat| judge(key, tat.load(Ordering::Relaxed), false));
+                if let Some(multi) = maps.multi.get() {
+                    multi.retain(|key, tats| judge(key, latest(tats), true));
+                }
+            }
+        }
+        telemetry::add(
+            "tollgate_memory_evictions_total",
+            &[("reason", "fresh")],
+            fresh,
+        );
+        telemetry::add(
+            "tollgate_memory_evictions_total",
+            &[("reason", "capacity")],
+            capacity,
+        );
+        #[allow(clippy::cast_precision_loss)] // a gauge: exact to 2^53 keys
+        telemetry::gauge_unlabelled("tollgate_memory_keys", self.sweeper.len() as f64);
+        if plan.candidates() > 0 {
+            // The closest to fresh last, where `pop` takes it.
+            named.sort_unstable_by_key(|c| std::cmp::Reverse(c.tat));
+            *lock(&self.candidates) = named;
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<C: Clock> Sweep for Inner<C> {
+    fn due(&self) -> bool {
+        self.sweeper.is_due(self.sweeper.len())
+    }
+
+    fn sweep(&self) {
+        self.sweep_now(false);
     }
 }
 
@@ -673,25 +886,32 @@ mod tests {
     #[test]
     fn eviction_removes_entries_closest_to_fresh_first() {
         let (s, clock) = store(64);
+        // Eviction starts past 15/16 of the bound.
+        let full = room_target(64) as u64;
+        assert_eq!(full, 60);
         // A quota where each charge adds a long, distinct debt: key i is charged i+1 times.
         let p = Policy::new("p", "1000/h;capacity=1000".parse().unwrap()).unwrap();
-        for i in 0..64u64 {
+        for i in 0..full {
             for _ in 0..=i {
                 s.check_now(&p, &Key::from(i), 1);
             }
         }
-        assert_eq!(s.len(), 64);
+        assert_eq!(s.len(), full as usize);
         // One more key forces an eviction of the lightest entries.
         clock.advance(Duration::from_millis(1));
         s.check_now(&p, &Key::from(1_000u64), 1);
-        assert!(s.len() < 64, "evicted down below max_keys, len {}", s.len());
-        let survivors: Vec<u64> = (0..64u64)
+        assert!(
+            s.len() < full as usize,
+            "evicted down below 15/16, len {}",
+            s.len()
+        );
+        let survivors: Vec<u64> = (0..full)
             .filter(|i| s.check_now(&p, &Key::from(*i), 0).remaining() < 1000)
             .collect();
-        let evicted = 64 - survivors.len();
+        let evicted = full as usize - survivors.len();
         assert!(evicted >= 4, "evicted a batch, got {evicted}");
         // Every evicted key had less debt than every surviving one.
-        assert_eq!(survivors, (evicted as u64..64).collect::<Vec<_>>());
+        assert_eq!(survivors, (evicted as u64..full).collect::<Vec<_>>());
     }
 
     #[test]
@@ -707,6 +927,123 @@ mod tests {
             s.check_now(&p, &Key::from(1_000_000 + i), 1);
         }
         assert!(s.len() <= MIN_SWEEP_INTERVAL, "len {}", s.len());
+    }
+
+    /// A store too large for a pass to run where it falls due: the sweeper thread runs them.
+    /// Sweeping aims 1/16 below the bound. With the sweeper stalled (its pass lock held here),
+    /// inserts past that target go on: each evicts one of the entries closest to fresh that the
+    /// last pass named, then the store overshoots the target, still within `max_keys`; once the
+    /// sweeper runs, it evicts the closest to fresh down to 1/16 below the target.
+    #[test]
+    fn inserts_past_the_bound_never_wait_for_the_sweeper() {
+        const MAX: u64 = 16_384;
+        let target = room_target(MAX as usize) as u64;
+        assert_eq!(target, MAX - MAX / 16);
+        let (s, clock) = store(MAX as usize);
+        // Each client charged once, one microsecond after the last: the earlier, the closer
+        // to fresh.
+        let p = Policy::new("p", Quota::per_hour(10).unwrap()).unwrap();
+        let insert = |i: u64| {
+            clock.advance(Duration::from_micros(1));
+            assert!(s.check_now(&p, &Key::from(i), 1).is_allowed());
+        };
+        let kept = |i: u64| s.check_now(&p, &Key::from(i), 0).remaining() < 10;
+        for i in 0..target {
+            insert(i);
+        }
+        s.inner.sweeper.settle();
+        assert_eq!(
+            s.len(),
+            target as usize,
+            "nothing fresh, nothing past the target"
+        );
+        assert!(
+            s.inner.sweeper.take_thread().is_some(),
+            "passes ran on the thread"
+        );
+
+        let stalled = s.inner.sweeper.lock_pass();
+        let named = target / 16;
+        for i in 0..named {
+            insert(MAX + i);
+            assert_eq!(s.len(), target as usize);
+        }
+        assert!(
+            (0..named).all(|i| !kept(i)),
+            "the named closest to fresh went"
+        );
+        assert!((named..target).all(kept));
+        // Up to one below the bound: an insert that reaches it would sweep here.
+        let over = MAX - target - 1;
+        for i in 0..over {
+            insert(2 * MAX + i);
+        }
+        assert_eq!(
+            s.len(),
+            (MAX - 1) as usize,
+            "overshoot within the bound, no named entry left"
+        );
+        drop(stalled);
+
+        s.inner.sweeper.settle();
+        assert_eq!(s.len(), (target - target / 16 - 1) as usize);
+        // The closest to fresh went first: what is left of the first clients is the latest.
+        let cut = (0..target).find(|&i| kept(i)).unwrap_or(target);
+        assert!(cut > named, "evicted beyond the named ones, cut at {cut}");
+        assert!((cut..target).all(kept));
+        assert!((MAX..MAX + named).chain(2 * MAX..2 * MAX + over).all(kept));
+    }
+
+    /// With no pass able to run (the sweeper stalled), the insert that reaches `max_keys`
+    /// makes room itself: the store never holds more than its bound.
+    #[test]
+    fn the_bound_holds_when_the_sweeper_cannot_run() {
+        const MAX: u64 = 16_384;
+        let (s, clock) = store(MAX as usize);
+        let p = Policy::new("p", Quota::per_hour(10).unwrap()).unwrap();
+        let mut peak = 0;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            // The sweeper's passes are slowed by a thread that keeps taking the pass lock.
+            let hog = scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let _held = s.inner.sweeper.lock_pass();
+                    std::thread::yield_now();
+                }
+            });
+            for i in 0..4 * MAX {
+                clock.advance(Duration::from_micros(1));
+                s.check_now(&p, &Key::from(i), 1);
+                peak = peak.max(s.len());
+            }
+            stop.store(true, Ordering::Relaxed);
+            hog.join().unwrap();
+        });
+        assert!(peak <= MAX as usize, "peak {peak} > max_keys {MAX}");
+        assert!(
+            s.len() >= (MAX / 2) as usize,
+            "eviction is partial, not a wipe"
+        );
+    }
+
+    #[test]
+    fn the_sweeper_thread_ends_with_the_last_clone() {
+        let (s, _) = store(100_000);
+        let p = Policy::new("p", Quota::per_hour(1).unwrap()).unwrap();
+        for i in 0..20_000u64 {
+            s.check_now(&p, &Key::from(i), 1);
+        }
+        s.inner.sweeper.settle();
+        let thread = s
+            .inner
+            .sweeper
+            .take_thread()
+            .expect("a pass ran on the thread");
+        let clone = s.clone();
+        drop(s);
+        assert!(!thread.is_finished(), "a clone still holds the store");
+        drop(clone);
+        thread.join().expect("the sweeper thread ended cleanly");
     }
 
     proptest::proptest! {
