@@ -14,6 +14,10 @@
 //! - `busy`: the default layer, a client that is never fresh but never runs out;
 //! - `denied`: the default layer, every request after the first answered 429;
 //! - `boxed`: `allowed` through a `BoxStore` around a `MemoryStore`;
+//! - `refund-kept`: `allowed` with a refund rule (`skip_failed`) that keeps every charge (the
+//!   responses are 200): what a rule costs an admitted-and-kept request;
+//! - `refunded`: `allowed` with `skip_successful`: every charge is given back after the
+//!   response (one `MemoryStore::adjust_now` per request);
 //! - `governor`, `governor-headers`, `governor-denied`: tower_governor 0.8 (the peer layer for
 //!   axum) with the same quotas, plain, with `use_headers()`, and every request denied.
 //!
@@ -74,6 +78,22 @@ fn app(mode: &str) -> Router {
                 .build()
                 .unwrap_or_else(|e| panic!("{e}")),
         ),
+        // A refund rule that keeps every charge (every response is a 200).
+        "refund-kept" => hello.layer(
+            RateLimitLayer::builder(allowed)
+                .key(ClientIp::new())
+                .skip_failed()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        // A refund rule that gives every charge back.
+        "refunded" => hello.layer(
+            RateLimitLayer::builder(allowed)
+                .key(ClientIp::new())
+                .skip_successful()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
         // The default layer without recording its decision on the response.
         "no-response-decisions" => hello.layer(
             RateLimitLayer::builder(allowed)
@@ -130,7 +150,7 @@ fn app(mode: &str) -> Router {
             eprintln!(
                 "unknown mode {other:?}: none, allowed, no-fields, busy, denied, boxed, \
                  no-response-decisions, tiered, resolved, governor, governor-headers, \
-                 governor-denied"
+                 governor-denied, refund-kept, refunded"
             );
             std::process::exit(2)
         }

@@ -10,12 +10,17 @@
 //! Routes: `GET /api/hello` (policy "default"), `GET /api/expensive` ("default" and
 //! "expensive"), `GET /api/multi` (policy "multi": several quotas, one atomic decision),
 //! `GET /api/quota` (a peek at "default": cost 0, consumes nothing),
+//! `POST /api/login` (policy "login" only: only failed logins count; 200 with the header
+//! `x-password: open-sesame`, else 401, and a success is refunded), `GET /api/tokens?used=N`
+//! (policy "tokens" only: reserves `--token-estimate` at admission, then charges the actual N),
+//! `GET /api/tokens/quota` (a peek at "tokens"),
 //! `GET /healthz` (never limited), and with `--admin-token` `GET /admin/stats` and
 //! `POST /admin/reset/{identity}` (an API key or an IP address), and with `--tiers`
 //! `POST /admin/tier/{identity}/{tier}`. `--help` explains the flags: `--listen`,
 //! `--redis-url`, `--rate`, `--capacity`, `--expensive-rate`, `--key`, `--trusted-proxy`,
 //! `--fail-mode`, `--fallback-divisor`, `--store-timeout-ms`, `--headers`, `--admin-token`,
-//! `--deny-cache`, `--breaker`, `--multi-quotas`, `--tiers`, `--tier-of`, `--metrics-listen`.
+//! `--deny-cache`, `--breaker`, `--multi-quotas`, `--tiers`, `--tier-of`, `--metrics-listen`,
+//! `--login-rate`, `--token-rate`, `--token-estimate`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -40,8 +45,10 @@ use tollgate::{
 /// tollgate demo: an axum API behind tollgate rate limits.
 ///
 /// Routes: GET /api/hello (policy "default"), GET /api/expensive ("default" and "expensive"),
-/// GET /api/multi (policy "multi"), GET /api/quota (a peek at "default"), GET /healthz (never
-/// limited); with --admin-token, GET /admin/stats, POST /admin/reset/{identity} and
+/// GET /api/multi (policy "multi"), GET /api/quota (a peek at "default"), POST /api/login
+/// (policy "login", failed logins only), GET /api/tokens?used=N (policy "tokens", reserve then
+/// reconcile), GET /api/tokens/quota (a peek at "tokens"), GET /healthz (never limited); with
+/// --admin-token, GET /admin/stats, POST /admin/reset/{identity} and
 /// POST /admin/tier/{identity}/{tier}.
 #[derive(Debug, Parser)]
 #[command(name = "demo")]
@@ -117,6 +124,20 @@ struct Args {
     /// Serve GET /metrics (Prometheus text format) on ADDR (needs --features metrics).
     #[arg(long = "metrics-listen", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Policy "login" on POST /api/login, counting failed logins only: 200 with the header
+    /// "x-password: open-sesame", else 401; a successful login is refunded. Keyed like the
+    /// global policy.
+    #[arg(long = "login-rate", value_name = "RATE", default_value = "5/m")]
+    login_rate: Quota,
+    /// Policy "tokens" on GET /api/tokens?used=N (capacity: its limit): reserves
+    /// --token-estimate at admission, then charges the actual N (into debt if need be) or gives
+    /// the rest back. GET /api/tokens/quota peeks at it.
+    #[arg(long = "token-rate", value_name = "RATE", default_value = "1000/m")]
+    token_rate: Quota,
+    /// Tokens reserved by each GET /api/tokens at admission (at most the --token-rate
+    /// capacity).
+    #[arg(long = "token-estimate", value_name = "N", default_value_t = 100)]
+    token_estimate: u32,
 }
 
 fn parse_tier_of(item: &str) -> Result<(String, String), String> {
@@ -245,7 +266,22 @@ struct AppState {
     default: RateLimitLayer<BoxStore, DemoKey>,
     expensive: RateLimitLayer<BoxStore, DemoKey>,
     multi: RateLimitLayer<BoxStore, DemoKey>,
+    login: RateLimitLayer<BoxStore, DemoKey>,
+    tokens: RateLimitLayer<BoxStore, DemoKey>,
     admin_token: Option<String>,
+}
+
+impl AppState {
+    /// Every layer of the demo, by policy name.
+    fn layers(&self) -> [&RateLimitLayer<BoxStore, DemoKey>; 5] {
+        [
+            &self.default,
+            &self.expensive,
+            &self.multi,
+            &self.login,
+            &self.tokens,
+        ]
+    }
 }
 
 /// The demo app on `store`, whichever store the flags chose.
@@ -274,7 +310,11 @@ fn app(
         .fail_mode(fail_mode)
         .skip(|req| {
             let path = req.uri.path();
-            path == "/healthz" || path == "/api/multi" || path.starts_with("/admin/")
+            path == "/healthz"
+                || path == "/api/multi"
+                || path == "/api/login"
+                || path.starts_with("/api/tokens")
+                || path.starts_with("/admin/")
         })
         .cost(|req| u32::from(req.uri.path() != "/api/quota"))
         .build()
@@ -307,14 +347,54 @@ fn app(
         .fail_mode(fail_mode)
         .build()
         .map_err(|e| format!("--multi-quotas: {e}"))?;
+    let login = RateLimitLayer::builder(args.login_rate)
+        .policy("login")
+        .store(store.clone())
+        .key(key.clone())
+        .headers(args.headers)
+        .fail_mode(fail_mode)
+        .skip_successful()
+        .build()
+        .map_err(|e| format!("--login-rate: {e}"))?;
+    let capacity = args.token_rate.capacity();
+    if args.token_estimate > capacity {
+        return Err(format!(
+            "--token-estimate {} is above the capacity of --token-rate {} ({capacity}): no \
+             request could ever be admitted; reserve at most {capacity}",
+            args.token_estimate, args.token_rate
+        ));
+    }
+    let estimate = args.token_estimate;
+    let tokens = RateLimitLayer::builder(args.token_rate)
+        .policy("tokens")
+        .store(store.clone())
+        .key(key.clone())
+        .headers(args.headers)
+        .fail_mode(fail_mode)
+        .cost(move |req| {
+            if req.uri.path() == "/api/tokens/quota" {
+                0
+            } else {
+                estimate
+            }
+        })
+        .reconcile(true)
+        .build()
+        .map_err(|e| format!("--token-rate: {e}"))?;
     let state = AppState {
         store_name,
         store_stats,
         default: default.clone(),
         expensive: expensive.clone(),
         multi: multi.clone(),
+        login: login.clone(),
+        tokens: tokens.clone(),
         admin_token: args.admin_token.clone(),
     };
+    let tokens_routes = Router::new()
+        .route("/api/tokens", get(tokens_handler))
+        .route("/api/tokens/quota", get(quota))
+        .route_layer(tokens);
     let mut router = Router::new()
         .route("/api/hello", get(hello))
         .route(
@@ -323,6 +403,8 @@ fn app(
         )
         .route("/api/quota", get(quota))
         .route("/api/multi", get(multi_handler).route_layer(multi))
+        .route("/api/login", post(login_handler).route_layer(login))
+        .merge(tokens_routes)
         .route("/healthz", get(healthz));
     if state.admin_token.is_some() {
         router = router
@@ -343,6 +425,47 @@ async fn hello(decision: Option<Extension<Decision>>) -> Json<serde_json::Value>
 async fn multi_handler(Extension(d): Extension<Decision>) -> Json<serde_json::Value> {
     let remaining: Vec<u32> = d.per_quota().iter().map(Decision::remaining).collect();
     Json(json!({ "message": "every quota admitted this", "remaining": remaining }))
+}
+
+/// 200 for the right password, else 401: policy "login" refunds the 200s, so only failures
+/// count.
+async fn login_handler(headers: HeaderMap) -> Response {
+    if headers
+        .get("x-password")
+        .is_some_and(|p| bool::from(p.as_bytes().ct_eq(b"open-sesame")))
+    {
+        Json(json!({ "message": "welcome" })).into_response()
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "error": "wrong password" })),
+        )
+            .into_response()
+    }
+}
+
+/// Reports `used` as the request's actual cost: policy "tokens" reserved --token-estimate at
+/// admission and settles the difference before this response leaves. Without a valid `used`,
+/// 400, and the reservation stands.
+async fn tokens_handler(uri: http::Uri) -> Response {
+    let used = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("used="))
+        .map(str::parse::<u32>);
+    match used {
+        Some(Ok(used)) => (
+            Extension(tollgate::ActualCost(used)),
+            Json(json!({ "used": used })),
+        )
+            .into_response(),
+        _ => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "give the tokens used as ?used=N, a whole number" })),
+        )
+            .into_response(),
+    }
 }
 
 async fn expensive_handler() -> Json<serde_json::Value> {
@@ -418,6 +541,9 @@ async fn stats(State(state): State<AppState>, headers: HeaderMap) -> Response {
             "degraded": s.degraded,
             "delayed": s.delayed,
             "unidentified": s.unidentified,
+            "refunds": s.refunds,
+            "extra_charges": s.extra_charges,
+            "settle_failures": s.settle_failures,
         })
     };
     Json(json!({
@@ -427,6 +553,8 @@ async fn stats(State(state): State<AppState>, headers: HeaderMap) -> Response {
             "default": policy(&state.default),
             "expensive": policy(&state.expensive),
             "multi": policy(&state.multi),
+            "login": policy(&state.login),
+            "tokens": policy(&state.tokens),
         }
     }))
     .into_response()
@@ -443,7 +571,7 @@ async fn reset(
         return unauthorized();
     }
     let mut cleared = serde_json::Map::new();
-    for layer in [&state.default, &state.expensive, &state.multi] {
+    for layer in state.layers() {
         match layer.reset_identity(&identity).await {
             Ok(keys) => {
                 cleared.insert(layer.policy().name().to_owned(), json!(keys));

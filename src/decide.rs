@@ -3,8 +3,11 @@
 //! [`Shared::verdict`] once the store has answered, and nothing else decides.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
@@ -19,7 +22,8 @@ use crate::error::StoreError;
 use crate::headers::{self, HeaderStyle, PolicyFields, ResetStyle};
 use crate::key::{Key, KeyError};
 use crate::response::{RateLimitBody, Rejector, misconfigured, store_unavailable};
-use crate::store::{FailMode, Policy};
+use crate::settle::{ActualCost, Charge, RefundFn};
+use crate::store::{FailMode, Policy, Store};
 use crate::telemetry::{LayerMetrics, Outcome as Metric};
 use crate::tier::Tiering;
 
@@ -39,6 +43,13 @@ pub(crate) struct Shared<St, K, R> {
     pub(crate) key: K,
     pub(crate) cost: Option<Arc<CostFn>>,
     pub(crate) skip: Option<Arc<SkipFn>>,
+    /// Gives an admitted request's charge back when its response says so.
+    pub(crate) refund: Option<Arc<RefundFn>>,
+    /// Charges (or gives back) the difference between the reserved cost and the
+    /// [`ActualCost`] a response reports.
+    pub(crate) reconcile: bool,
+    /// `refund` or `reconcile`: admitted requests keep their charge for the response.
+    pub(crate) settles: bool,
     pub(crate) fail_mode: FailMode,
     /// The local limiter for [`FailMode::Fallback`] (each tier has its divided policy).
     pub(crate) fallback: Option<MemoryStore>,
@@ -110,6 +121,17 @@ pub(crate) enum Verdict<B> {
     /// Answer without calling the inner service.
     Respond(Response<RateLimitBody<B>>),
 }
+
+/// How a settlement went: done (with the state after it, when the store gave one), or on its
+/// way.
+pub(crate) enum Settled {
+    Now(Option<Decision>),
+    Later(SettleFuture),
+}
+
+/// A settlement on its way; it completes even if this future is dropped (when it runs as a
+/// task of its own).
+pub(crate) type SettleFuture = Pin<Box<dyn Future<Output = Option<Decision>> + Send>>;
 
 /// What the fail mode makes of a request whose store failed.
 enum Degraded {
@@ -315,6 +337,158 @@ impl<St, K, R> Shared<St, K, R> {
         }
     }
 
+    /// The charge of an admitted request, to settle once its response is known: `None`
+    /// unless the layer settles charges, and for requests that charged nothing (fail-open,
+    /// dry-run denials, a cost of 0 without reconciliation).
+    #[inline]
+    pub(crate) fn charge(
+        &self,
+        decision: &Decision,
+        fields: bool,
+        key: &Key,
+        cost: u32,
+        tier: usize,
+    ) -> Option<Box<Charge>> {
+        if !self.settles {
+            return None;
+        }
+        if !fields || !decision.is_allowed() || (cost == 0 && !self.reconcile) {
+            return None;
+        }
+        Some(Box::new(Charge {
+            key: key.clone(),
+            tier,
+            cost,
+            fallback: decision.is_degraded(),
+            at: Instant::now(),
+            reset_after: decision.reset_after(),
+        }))
+    }
+
+    /// What `response` asks of `charge`: the signed units to adjust it by, if any.
+    pub(crate) fn settlement<B>(&self, charge: &Charge, response: &Response<B>) -> Option<i64> {
+        crate::settle::delta(
+            charge,
+            self.refund.as_deref(),
+            self.reconcile,
+            response.status(),
+            response.headers(),
+            response.extensions().get::<ActualCost>(),
+        )
+    }
+
+    /// Adjusts `charge` by `delta` units, once: at once when the store answers at once (the
+    /// memory stores), otherwise in a future that completes even if the caller drops it (a
+    /// task of its own on a Tokio runtime). Yields the state after it, when the store gave one.
+    pub(crate) fn settle(
+        self: &Arc<Self>,
+        charge: Box<Charge>,
+        delta: i64,
+        cx: &mut Context<'_>,
+    ) -> Settled
+    where
+        St: Store,
+        K: Send + Sync + 'static,
+        R: Send + Sync + 'static,
+    {
+        let tier = self.tier(charge.tier);
+        if charge.fallback {
+            // Charged by the fallback limiter: settled there.
+            let (Some(store), Some(policy)) = (&self.fallback, &tier.fallback) else {
+                return Settled::Now(None);
+            };
+            let mut decision = store.adjust_now(policy, &charge.key, delta);
+            decision.degraded = true;
+            return Settled::Now(self.settled(&charge, delta, Ok(decision)));
+        }
+        let Some(fut) = self.store.adjust(&tier.policy, &charge.key, delta) else {
+            self.settle_failed(&charge, delta, None);
+            return Settled::Now(None);
+        };
+        let mut fut = Box::pin(fut);
+        if let Poll::Ready(result) = fut.as_mut().poll(cx) {
+            return Settled::Now(self.settled(&charge, delta, result));
+        }
+        let shared = Arc::clone(self);
+        let task = async move {
+            let result = fut.await;
+            shared.settled(&charge, delta, result)
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let task = runtime.spawn(task);
+                Settled::Later(Box::pin(async move { task.await.ok().flatten() }))
+            }
+            Err(_) => Settled::Later(Box::pin(task)),
+        }
+    }
+
+    /// Counts a settlement the store answered, or reports its failure.
+    fn settled(
+        &self,
+        charge: &Charge,
+        delta: i64,
+        result: Result<Decision, StoreError>,
+    ) -> Option<Decision> {
+        match result {
+            Ok(mut decision) => {
+                self.counters.add(if delta < 0 {
+                    Counter::Refunds
+                } else {
+                    Counter::ExtraCharges
+                });
+                decision.set_policy(self.tier(charge.tier).policy.name_arc());
+                tracing::trace!(
+                    target: "tollgate::decision",
+                    policy = self.tier(charge.tier).policy.name(),
+                    key = %self.log_key(&charge.key),
+                    delta,
+                    remaining = decision.remaining(),
+                    "charge settled"
+                );
+                Some(decision)
+            }
+            Err(error) => {
+                self.settle_failed(charge, delta, Some(&error));
+                None
+            }
+        }
+    }
+
+    /// A settlement that could not be made: the charge stands as it was made. Counted, logged
+    /// at most once a second, never retried.
+    fn settle_failed(&self, charge: &Charge, delta: i64, error: Option<&StoreError>) {
+        self.counters.add(Counter::SettleFailures);
+        if let Some(error) = error {
+            self.metrics.store_error(error.kind());
+        }
+        if !once_a_second(&self.last_warning, self.started) {
+            return;
+        }
+        let policy = self.tier(charge.tier).policy.name();
+        let key = self.log_key(&charge.key);
+        match error {
+            Some(error) => tracing::warn!(
+                target: "tollgate::store",
+                policy,
+                key = %key,
+                delta,
+                kind = ?error.kind(),
+                error = %error,
+                "rate-limit store failed to settle a charge; the charge stands as made \
+                 (settlements are never retried)"
+            ),
+            None => tracing::warn!(
+                target: "tollgate::store",
+                policy,
+                key = %key,
+                delta,
+                "the rate-limit store cannot adjust charges (Store::adjust returned None); \
+                 the charge stands as made"
+            ),
+        }
+    }
+
     /// Adds `x-ratelimit-degraded: <how>` when the layer is configured to show degraded
     /// decisions.
     fn mark_degraded(&self, headers: &mut HeaderMap, how: &'static str) {
@@ -486,10 +660,13 @@ pub(crate) enum Counter {
     Degraded,
     Delayed,
     KeyErrors,
+    Refunds,
+    ExtraCharges,
+    SettleFailures,
 }
 
 impl Counter {
-    const COUNT: usize = 8;
+    const COUNT: usize = 11;
 }
 
 /// The most stripes a layer gets.
@@ -532,6 +709,9 @@ impl Counters {
             degraded: self.get(Counter::Degraded),
             delayed: self.get(Counter::Delayed),
             unidentified: self.get(Counter::KeyErrors),
+            refunds: self.get(Counter::Refunds),
+            extra_charges: self.get(Counter::ExtraCharges),
+            settle_failures: self.get(Counter::SettleFailures),
         }
     }
 }
@@ -577,6 +757,15 @@ pub struct Stats {
     /// Requests answered 500 because the key extractor could not identify the client (see
     /// [`KeyError`]).
     pub unidentified: u64,
+    /// Admitted requests whose charge was given back, wholly or in part, after the response
+    /// (see [`crate::settle`]).
+    pub refunds: u64,
+    /// Admitted requests charged more after the response: an [`ActualCost`] above the
+    /// reservation.
+    pub extra_charges: u64,
+    /// Settlements the store failed or could not make: each charge stood as made (see
+    /// [`crate::settle`]).
+    pub settle_failures: u64,
 }
 
 #[cfg(test)]

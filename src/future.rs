@@ -10,11 +10,12 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::decide::{Shared, Verdict};
+use crate::decide::{SettleFuture, Settled, Shared, Verdict};
 use crate::decision::{Decision, Decisions};
 use crate::error::StoreError;
 use crate::key::Key;
 use crate::response::{RateLimitBody, Rejector};
+use crate::settle::Charge;
 use crate::store::Store;
 use crate::telemetry::Started;
 use crate::tier::LookupFuture;
@@ -57,12 +58,21 @@ pin_project! {
             sleep: tokio::time::Sleep,
             pending: Option<(S, Request<ReqBody>, Decision)>,
             tier: usize,
+            charge: Option<Box<Charge>>,
         },
         Calling {
             #[pin]
             fut: F,
             // The decision, its tier, and whether its rate-limit fields go on the response
             // (not for fail-open verdicts); `None` for unlimited requests.
+            decision: Option<(Decision, usize, bool)>,
+            // The charge to settle from the response, for a layer that settles charges.
+            charge: Option<Box<Charge>>,
+        },
+        // The response is in; its charge is being settled before it is handed on.
+        Settling {
+            settle: SettleFuture,
+            response: Option<Response<RateLimitBody<ResBody>>>,
             decision: Option<(Decision, usize, bool)>,
         },
         // Answered without the inner service (a rejection or a 503).
@@ -150,6 +160,7 @@ where
             state: State::Calling {
                 fut,
                 decision: None,
+                charge: None,
             },
             shared,
         }
@@ -230,17 +241,20 @@ where
                 .then(|| shared.delay_for(entry, &decision, key))
                 .flatten();
             shared.count_pass(entry, outcome, delay);
+            let charge = shared.charge(&decision, fields, key, cost, tier);
             Decisions::record_request(req.extensions_mut(), decision.clone());
             if let Some(delay) = delay {
                 return State::Delaying {
                     sleep: tokio::time::sleep(delay),
                     pending: Some((inner.take(), req, decision)),
                     tier,
+                    charge,
                 };
             }
             State::Calling {
                 fut: inner.call(req),
                 decision: Some((decision, tier, fields)),
+                charge,
             }
         }
         Verdict::Deny(decision) => {
@@ -259,10 +273,30 @@ where
     }
 }
 
+/// The state after a settlement replaces the admission's decision in the response's fields.
+fn settled(decision: &mut Option<(Decision, usize, bool)>, after: Option<Decision>) {
+    if let (Some((decision, _, _)), Some(after)) = (decision, after) {
+        *decision = after;
+    }
+}
+
+/// An admitted request's response, with its decision's fields.
+fn finish<St, K, R, B>(
+    shared: &Shared<St, K, R>,
+    mut response: Response<B>,
+    decision: Option<(Decision, usize, bool)>,
+) -> Response<B> {
+    if let Some((decision, tier, fields)) = decision {
+        shared.finish_admitted(&mut response, tier, decision, fields);
+    }
+    response
+}
+
 impl<S, St, K, R, ReqBody, ResBody> Future for ResponseFuture<S, St, K, R, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     St: Store,
+    K: crate::key::KeyExtractor,
     R: Rejector<ResBody>,
 {
     type Output = Result<Response<RateLimitBody<ResBody>>, S::Error>;
@@ -353,9 +387,11 @@ where
                     sleep,
                     pending,
                     tier,
+                    charge,
                 } => {
                     ready!(sleep.poll(cx));
                     let tier = *tier;
+                    let charge = charge.take();
                     let Some((mut inner, req, decision)) = pending.take() else {
                         this.state.set(State::Done);
                         continue;
@@ -364,18 +400,49 @@ where
                     this.state.set(State::Calling {
                         fut,
                         decision: Some((decision, tier, true)),
+                        charge,
                     });
                 }
-                StateProj::Calling { fut, decision } => {
+                StateProj::Calling {
+                    fut,
+                    decision,
+                    charge,
+                } => {
                     let response = ready!(fut.poll(cx))?;
-                    let decision = decision.take();
+                    let mut decision = decision.take();
+                    let charge = charge.take();
                     this.state.set(State::Done);
-                    let mut response = response.map(RateLimitBody::inner);
-                    if let Some((decision, tier, fields)) = decision {
-                        this.shared
-                            .finish_admitted(&mut response, tier, decision, fields);
+                    let response = response.map(RateLimitBody::inner);
+                    if let Some(charge) = charge
+                        && let Some(delta) = this.shared.settlement(&charge, &response)
+                    {
+                        match this.shared.settle(charge, delta, cx) {
+                            Settled::Now(after) => settled(&mut decision, after),
+                            Settled::Later(settle) => {
+                                this.state.set(State::Settling {
+                                    settle,
+                                    response: Some(response),
+                                    decision,
+                                });
+                                continue;
+                            }
+                        }
                     }
-                    return Poll::Ready(Ok(response));
+                    return Poll::Ready(Ok(finish(this.shared, response, decision)));
+                }
+                StateProj::Settling {
+                    settle,
+                    response,
+                    decision,
+                } => {
+                    let after = ready!(settle.as_mut().poll(cx));
+                    let mut decision = decision.take();
+                    let response = response.take();
+                    this.state.set(State::Done);
+                    settled(&mut decision, after);
+                    if let Some(response) = response {
+                        return Poll::Ready(Ok(finish(this.shared, response, decision)));
+                    }
                 }
                 StateProj::Ready { response } => {
                     let response = response.take();

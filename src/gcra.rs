@@ -184,6 +184,91 @@ pub fn step_all(stored: &[u64], now: u64, quotas: &[Quota], cost: u32) -> MultiS
     }
 }
 
+/// The most debt an unconditional charge ([`adjust`] with `delta > 0`) can leave on one quota:
+/// `tat - now` never exceeds this (100 years in µs), so every value stays below 2^53 and exact
+/// in the Redis script's doubles.
+pub const MAX_DEBT_MICROS: u64 = crate::quota::MAX_TOLERANCE_MICROS;
+
+/// Adjusts a state after the fact, by `delta` units at `now`: what a store runs for
+/// [`Store::adjust`](crate::Store::adjust) (a refund, or the difference between a reserved and
+/// an actual cost).
+///
+/// - `delta > 0` charges unconditionally: `new_tat = max(tat, now) + delta*T`, admitted or not,
+///   so the state can go beyond the capacity (debt): the next requests are then denied until
+///   it is paid off, with a `retry_after` that counts the debt. The debt is capped at
+///   [`MAX_DEBT_MICROS`].
+/// - `delta < 0` gives back `-delta` units: `new_tat = max(tat - (-delta)*T, now)`. The TAT never
+///   goes below `now`, so a refund never leaves a client better off than a fresh one, and a
+///   state that is already fresh is left alone.
+/// - `delta == 0` changes nothing.
+///
+/// The [`Step`]'s decision is a peek of the state after the adjustment (cost 0: outcome
+/// [`Allowed`](Outcome::Allowed), `remaining` 0 while in debt). `write` is `Some(new_tat)` when
+/// the state changed; a `new_tat` equal to `now` is a fresh state, which a store with key
+/// expiry deletes instead of writing (its TTL would be 0).
+///
+/// ```
+/// use tollgate::{Quota, gcra};
+///
+/// let quota: Quota = "5/s".parse()?; // T = 200 ms
+/// let now = 1_000_000;
+/// let charged = gcra::step(0, now, &quota, 3).write.unwrap(); // 3 used, 2 left
+/// let refunded = gcra::adjust(charged, now, &quota, -2);
+/// assert_eq!(refunded.decision.remaining(), 4);
+/// // Never below fresh: giving back more than is used leaves the state fresh.
+/// assert_eq!(gcra::adjust(charged, now, &quota, -100).write, Some(now));
+/// // Debt: 9 units on a capacity of 5; the next request waits for 5 of them.
+/// let debt = gcra::adjust(charged, now, &quota, 6).write.unwrap();
+/// let next = gcra::step(debt, now, &quota, 1).decision;
+/// assert_eq!(next.retry_after(), Some(std::time::Duration::from_millis(1_000)));
+/// # Ok::<(), tollgate::QuotaError>(())
+/// ```
+pub fn adjust(stored_tat: u64, now: u64, quota: &Quota, delta: i64) -> Step {
+    let t = quota.interval_micros();
+    let used = stored_tat.max(now) - now;
+    let amount = delta.unsigned_abs().saturating_mul(t);
+    let new_used = match delta.signum() {
+        1 => used.saturating_add(amount).min(MAX_DEBT_MICROS.max(used)),
+        -1 if used > 0 => used.saturating_sub(amount),
+        _ => used,
+    };
+    let write = (new_used != used).then(|| now.saturating_add(new_used));
+    Step {
+        decision: step(now.saturating_add(new_used), now, quota, 0).decision,
+        write,
+    }
+}
+
+/// [`adjust`] over every quota of a policy, in the policy's order (`stored` as for
+/// [`step_all`]): each quota is adjusted by `delta` units of its own. `writes` holds every
+/// quota's new TAT (unchanged ones included) when any changed, else `None`; the decision is
+/// the policy's peek after the adjustment.
+///
+/// # Panics
+/// If `quotas` is empty (a [`Policy`](crate::Policy) never is).
+pub fn adjust_all(stored: &[u64], now: u64, quotas: &[Quota], delta: i64) -> MultiStep {
+    let tat_of = |i: usize| stored.get(i).copied().unwrap_or(0);
+    let steps: Vec<Step> = quotas
+        .iter()
+        .enumerate()
+        .map(|(i, q)| adjust(tat_of(i), now, q, delta))
+        .collect();
+    let changed = steps.iter().any(|s| s.write.is_some());
+    let writes = changed.then(|| {
+        steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.write.unwrap_or(tat_of(i)))
+            .collect()
+    });
+    let per_quota: Vec<Decision> = steps.into_iter().map(|s| s.decision).collect();
+    let decision = match per_quota.as_slice() {
+        [one] => one.clone(),
+        many => Decision::combined(most_restrictive(many).clone(), per_quota.clone()),
+    };
+    MultiStep { decision, writes }
+}
+
 /// `d` in whole milliseconds, rounded up: the TTL of a state written with
 /// [`reset_after`](Decision::reset_after) `d`. At least 1, saturating at `u64::MAX`.
 ///
@@ -326,6 +411,129 @@ mod tests {
             let backward = step(tat, earlier, &q, 1).decision.is_allowed();
             prop_assert!(!backward || forward, "an earlier clock admitted what now denies");
         }
+    }
+
+    proptest! {
+        /// Over any run of charges, refunds and reconciliations: the units admitted never exceed
+        /// capacity + elapsed / T + the units refunds actually gave back (measured on the TAT),
+        /// the state never goes below fresh, and `remaining` never exceeds the capacity.
+        #[test]
+        fn adjustments_never_admit_more_than_they_gave_back(
+            interval_ms in 1u64..2_000,
+            capacity in 1u32..20,
+            ops in proptest::collection::vec((0u64..3_000, 0u32..25, 0u8..4, -30i64..30), 1..200),
+        ) {
+            let q = quota(1, interval_ms, capacity);
+            let t = q.interval_micros();
+            let (mut tat, mut now) = (0u64, 1_000_000u64);
+            let start = now;
+            let (mut admitted, mut given_back_us) = (0u64, 0u64);
+            for (dt_ms, cost, op, delta) in ops {
+                now += dt_ms * 1_000;
+                let before = tat.max(now) - now;
+                match op {
+                    // A check, then (half the time) its settlement: a refund of what it was
+                    // charged, or a reconciliation by `delta`.
+                    0 | 1 => {
+                        let s = step(tat, now, &q, cost);
+                        if let Some(w) = s.write {
+                            tat = w;
+                            admitted += u64::from(cost);
+                            if op == 1 {
+                                let d = if delta < 0 { -i64::from(cost) } else { delta };
+                                let used = tat - now;
+                                let a = adjust(tat, now, &q, d);
+                                prop_assert!(a.write.is_none_or(|w| w >= now), "below fresh");
+                                if let Some(w) = a.write { tat = w; }
+                                let after = tat.max(now) - now;
+                                given_back_us += used.saturating_sub(after);
+                            }
+                        }
+                    }
+                    // An adjustment out of the blue.
+                    _ => {
+                        let a = adjust(tat, now, &q, delta);
+                        prop_assert!(a.write.is_none_or(|w| w >= now), "below fresh");
+                        if let Some(w) = a.write { tat = w; }
+                        let after = tat.max(now) - now;
+                        given_back_us += before.saturating_sub(after);
+                        prop_assert!(a.decision.remaining() <= capacity);
+                        if delta < 0 {
+                            prop_assert!(after <= before, "a refund added debt");
+                            prop_assert!(before - after <= delta.unsigned_abs() * t,
+                                "gave back more than asked");
+                        }
+                    }
+                }
+                let bound = u64::from(capacity) + (now - start) / t + given_back_us.div_ceil(t);
+                prop_assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
+            }
+        }
+
+        /// `adjust` by a positive amount then the same negative amount (at one instant) is the
+        /// identity on a state that was not fresh, and never below fresh on any.
+        #[test]
+        fn charge_then_refund_round_trips(
+            used_units in 0u64..20,
+            n in 1i64..40,
+        ) {
+            let q = quota(1, 100, 10);
+            let now = 10_000_000u64;
+            let tat = now + used_units * q.interval_micros();
+            let charged = adjust(tat, now, &q, n).write.unwrap();
+            prop_assert_eq!(charged, tat + n.unsigned_abs() * q.interval_micros());
+            let back = adjust(charged, now, &q, -n).write.unwrap_or(charged);
+            prop_assert_eq!(back, tat);
+            let far = adjust(charged, now, &q, -n - 100).write.unwrap();
+            prop_assert_eq!(far, now, "floored at fresh");
+        }
+    }
+
+    #[test]
+    fn adjust_leaves_fresh_and_zero_alone_and_caps_debt() {
+        let q = quota(5, 5_000, 5); // T = 1 s
+        let now = 50_000_000;
+        // A fresh or past state gives nothing back.
+        assert_eq!(adjust(0, now, &q, -3).write, None);
+        assert_eq!(adjust(now - 1, now, &q, -3).write, None);
+        assert_eq!(adjust(now + 7, now, &q, 0).write, None);
+        assert_eq!(adjust(0, now, &q, -3).decision.remaining(), 5);
+        // Debt is capped at 100 years, even from i64::MAX units.
+        let debt = adjust(0, now, &q, i64::MAX).write.unwrap();
+        assert_eq!(debt - now, MAX_DEBT_MICROS);
+        let denied = step(debt, now, &q, 1).decision;
+        assert_eq!(denied.outcome(), Outcome::Denied);
+        assert_eq!(adjust(debt, now, &q, i64::MIN).write, Some(now));
+        for stored in [0, 1, u64::MAX] {
+            for delta in [i64::MIN, -1, 1, i64::MAX] {
+                let _ = adjust(stored, u64::MAX, &q, delta);
+                let _ = adjust(stored, 0, &q, delta);
+            }
+        }
+    }
+
+    #[test]
+    fn adjust_all_adjusts_every_quota_by_its_own_interval() {
+        let qs = [quota(2, 1_000, 2), quota(5, 3_600_000, 5)]; // T = 500 ms and 720 s
+        let now = 1_000_000_000;
+        let charged = step_all(&[0, 0], now, &qs, 2).writes.unwrap();
+        let refunded = adjust_all(&charged, now, &qs, -1);
+        assert_eq!(
+            refunded.writes,
+            Some(vec![now + 500_000, now + 720_000_000])
+        );
+        let remaining: Vec<u32> = refunded
+            .decision
+            .per_quota()
+            .iter()
+            .map(Decision::remaining)
+            .collect();
+        assert_eq!(remaining, [1, 4]);
+        assert_eq!(refunded.decision.remaining(), 1);
+        // Nothing to give back anywhere: nothing to write.
+        assert_eq!(adjust_all(&[0, 0], now, &qs, -1).writes, None);
+        let one = adjust_all(&[now + 5], now, &qs[..1], 3);
+        assert_eq!(one.decision, adjust(now + 5, now, &qs[0], 3).decision);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::key::{ClientIp, KeyExtractor};
 use crate::quota::Quota;
 use crate::response::{DefaultRejection, RejectWith, Rejection, RejectionBody};
 use crate::service::RateLimit;
+use crate::settle::RefundFn;
 use crate::store::{FailMode, Policy, Store};
 use crate::telemetry::LayerMetrics;
 use crate::tier::{
@@ -304,6 +305,8 @@ struct Settings {
     policy_name: Option<String>,
     cost: Option<Arc<CostFn>>,
     skip: Option<Arc<SkipFn>>,
+    refund: Option<Arc<RefundFn>>,
+    reconcile: bool,
     fail_mode: FailMode,
     dry_run: bool,
     delay_after: Option<u32>,
@@ -341,6 +344,8 @@ impl Builder {
                 policy_name: None,
                 cost: None,
                 skip: None,
+                refund: None,
+                reconcile: false,
                 fail_mode: FailMode::default(),
                 dry_run: false,
                 delay_after: None,
@@ -523,6 +528,79 @@ impl<St, K, R> Builder<St, K, R> {
     /// Requests for which `skip` returns true pass unlimited, without headers.
     pub fn skip(mut self, skip: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
         self.settings.skip = Some(Arc::new(skip));
+        self
+    }
+
+    /// Gives an admitted request's charge back when `refund(status, headers)` of its response
+    /// returns true: the limit then counts only the requests it returns false for (say, only
+    /// failed logins). The request is still charged when it arrives, so concurrent attempts
+    /// can never pass beyond the capacity; the refund is made once the inner service has
+    /// answered, before the response is handed on (see [`crate::settle`] for exactly when a
+    /// charge is given back, and what happens on panics, disconnects and store errors). A
+    /// denied request is never refunded. Replaces an earlier rule (also the presets below).
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use tollgate::RateLimitLayer;
+    ///
+    /// // Count only the requests that ended in 429 or 5xx from the upstream.
+    /// let layer = RateLimitLayer::builder("100/m".parse()?)
+    ///     .refund_when(|status, _headers| {
+    ///         status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error()
+    ///     })
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn refund_when(
+        mut self,
+        refund: impl Fn(StatusCode, &http::HeaderMap) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.settings.refund = Some(Arc::new(refund));
+        self
+    }
+
+    /// Counts only failed requests: a response with a status below 400 gets its charge back
+    /// (express-rate-limit's `skipSuccessfulRequests`; brute-force protection of a login, see
+    /// `examples/login_recipe.rs`). Same as [`refund_when`](Self::refund_when) with that rule.
+    ///
+    /// ```
+    /// use tollgate::RateLimitLayer;
+    ///
+    /// let login = RateLimitLayer::builder("5/m".parse()?)
+    ///     .policy("login")
+    ///     .skip_successful()
+    ///     .build()?;
+    /// # let _ = login;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn skip_successful(self) -> Self {
+        self.refund_when(|status, _| status.as_u16() < 400)
+    }
+
+    /// Counts only successful requests: a response with a status of 400 or more (4xx, 5xx)
+    /// gets its charge back (express-rate-limit's `skipFailedRequests`). Same as
+    /// [`refund_when`](Self::refund_when) with that rule.
+    pub fn skip_failed(self) -> Self {
+        self.refund_when(|status, _| status.as_u16() >= 400)
+    }
+
+    /// Does not charge requests that failed on the server's side: a response with a 5xx status
+    /// gets its charge back. Same as [`refund_when`](Self::refund_when) with that rule.
+    pub fn skip_server_errors(self) -> Self {
+        self.refund_when(|status, _| status.is_server_error())
+    }
+
+    /// Reserve and reconcile: the cost charged at admission ([`cost`](Self::cost)) is an
+    /// estimate, and the handler reports the real cost with an
+    /// [`ActualCost`](crate::ActualCost) in the response's extensions. The layer then charges
+    /// the difference unconditionally, into debt if need be (the client's next requests wait,
+    /// or are denied with a `Retry-After` that counts the debt), or gives it back, before the
+    /// response is handed on; a peek reports the reconciled state. A response without an
+    /// `ActualCost` keeps the reservation. With a refund rule as well, a refunded response
+    /// gives the whole reservation back instead. Default off. See [`crate::settle`].
+    pub fn reconcile(mut self, on: bool) -> Self {
+        self.settings.reconcile = on;
         self
     }
 
@@ -720,6 +798,9 @@ impl<St, K, R> Builder<St, K, R> {
             key: self.key,
             cost: self.settings.cost,
             skip: self.settings.skip,
+            settles: self.settings.refund.is_some() || self.settings.reconcile,
+            refund: self.settings.refund,
+            reconcile: self.settings.reconcile,
             fail_mode: self.settings.fail_mode,
             fallback,
             dry_run: self.settings.dry_run,

@@ -48,8 +48,9 @@
 //! Minimum supported Rust version: 1.88.
 
 // A request flows through `layer` (built once) -> `service` (`call`) -> `future` (waits for
-// the store) -> `decide` (verdict, counters, logs) -> `response` / `headers` -> `store` ->
-// `gcra`; no module uses one before it in that order.
+// the store) -> `decide` (verdict, counters, logs; `settle` for charges settled after the
+// response) -> `response` / `headers` -> `store` -> `gcra`; no module uses one before it in
+// that order.
 pub mod clock;
 mod decide;
 pub mod decision;
@@ -62,6 +63,7 @@ mod layer;
 pub mod quota;
 mod response;
 mod service;
+pub mod settle;
 pub mod store;
 pub mod telemetry;
 pub mod tier;
@@ -79,6 +81,7 @@ pub use quota::Quota;
 pub use response::RejectIntoResponse;
 pub use response::{DefaultRejection, RateLimitBody, RejectWith, RejectionBody, Rejector};
 pub use service::RateLimit;
+pub use settle::ActualCost;
 pub use store::memory::{DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use store::redis::RedisStore;

@@ -69,6 +69,10 @@ enum Flaw {
     ForgetsWrites,
     /// Answers `reset` with `Ok` but keeps the state.
     IgnoresReset,
+    /// Applies every refund twice (giving back what other requests were charged).
+    RefundsTwice,
+    /// Has no `adjust` (the trait's default).
+    CannotAdjust,
 }
 
 struct Broken {
@@ -92,6 +96,17 @@ impl Store for Broken {
             self.inner.remove(policy, key);
         }
         Ok(())
+    }
+
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<Self::Future> {
+        match self.flaw {
+            Flaw::CannotAdjust => None,
+            Flaw::RefundsTwice if delta < 0 => {
+                self.inner.adjust_now(policy, key, delta);
+                Some(ready(Ok(self.inner.adjust_now(policy, key, delta))))
+            }
+            _ => Some(ready(Ok(self.inner.adjust_now(policy, key, delta)))),
+        }
     }
 }
 
@@ -133,6 +148,23 @@ async fn the_kit_rejects_a_store_whose_reset_keeps_the_state() {
     assert_eq!(failure.what(), "remaining per quota", "{failure}");
     assert_eq!((failure.expected(), failure.got()), ("[5]", "[0]"));
     assert!(failure.to_string().contains("after the reset"), "{failure}");
+}
+
+#[tokio::test]
+async fn the_kit_rejects_a_store_that_refunds_twice() {
+    let failure = failure_of(Flaw::RefundsTwice).await;
+    assert_eq!(failure.case(), "adjust", "{failure}");
+    assert_eq!(failure.vector(), "refunds (5/5h)", "{failure}");
+    assert_eq!(failure.row(), 3, "{failure}");
+    assert_eq!((failure.expected(), failure.got()), ("[3]", "[4]"));
+}
+
+#[tokio::test]
+async fn the_kit_rejects_a_store_without_adjustments() {
+    let failure = failure_of(Flaw::CannotAdjust).await;
+    assert_eq!(failure.case(), "adjust", "{failure}");
+    assert_eq!(failure.what(), "Store::adjust", "{failure}");
+    assert!(failure.got().contains("does not implement"), "{failure}");
 }
 
 /// (policy name, client key) -> one TAT per quota.
@@ -202,4 +234,5 @@ async fn each_case_runs_on_its_own() {
     conformance::peek(&mut h).await.unwrap();
     conformance::atomicity(&mut h).await.unwrap();
     conformance::reset(&mut h).await.unwrap();
+    conformance::adjust(&mut h).await.unwrap();
 }

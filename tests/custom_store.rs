@@ -55,6 +55,19 @@ impl<C: Clock> Store for MutexStore<C> {
         ready(Ok(step.decision))
     }
 
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<Self::Future> {
+        let id = id(policy, key);
+        // The same lock as checks: a refund and a check of one key never interleave.
+        let mut tats = self.tats.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.clock.now_micros();
+        let stored = tats.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+        let step = gcra::adjust_all(stored, now, policy.quotas(), delta);
+        if let Some(writes) = step.writes {
+            tats.insert(id, writes);
+        }
+        Some(ready(Ok(step.decision)))
+    }
+
     async fn reset(&self, policy: &Policy, key: &Key) -> Result<(), StoreError> {
         let mut tats = self.tats.lock().unwrap_or_else(|e| e.into_inner());
         tats.remove(&id(policy, key));

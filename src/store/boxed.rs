@@ -67,6 +67,7 @@ trait DynStore: Send + Sync + 'static {
         key: &Key,
         cost: u32,
     ) -> Option<Result<Decision, StoreError>>;
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<BoxStoreFuture>;
     fn reset<'a>(
         &'a self,
         policy: &'a Policy,
@@ -95,6 +96,11 @@ impl<S: Store> DynStore for S {
         cost: u32,
     ) -> Option<Result<Decision, StoreError>> {
         Store::check_ready(self, policy, key, cost)
+    }
+
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<BoxStoreFuture> {
+        let fut = Store::adjust(self, policy, key, delta)?;
+        Some(Box::pin(fut))
     }
 
     fn reset<'a>(
@@ -141,6 +147,10 @@ impl Store for BoxStore {
         cost: u32,
     ) -> Option<Result<Decision, StoreError>> {
         self.inner.check_ready(policy, key, cost)
+    }
+
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<Self::Future> {
+        self.inner.adjust(policy, key, delta)
     }
 
     fn reset(

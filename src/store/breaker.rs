@@ -606,6 +606,41 @@ impl<S: Store, C: Clock> Store for CircuitBreaker<S, C> {
         Some(Err(self.open_error()))
     }
 
+    /// While closed, the inner store's adjustment, whose outcome counts towards the breaker
+    /// like a check's; while open (or half-open, when only a check may probe), fails at once
+    /// with [`StoreErrorKind::CircuitOpen`]: an adjustment is never sent to a store the
+    /// breaker holds to be down, and never retried when it is back (the layer keeps the charge
+    /// as it was made, and counts it).
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<Self::Future> {
+        if !self.enabled {
+            let fut = self.store.adjust(policy, key, delta)?;
+            return Some(BreakerFuture {
+                state: BState::Running { fut },
+                tracker: None,
+            });
+        }
+        if self.shared.state.load(Ordering::Acquire) != CLOSED {
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            return Some(BreakerFuture {
+                state: BState::Open {
+                    error: Some(self.open_error()),
+                },
+                tracker: None,
+            });
+        }
+        let fut = self.store.adjust(policy, key, delta)?;
+        Some(BreakerFuture {
+            state: BState::Running { fut },
+            tracker: Some(Tracker {
+                shared: Arc::clone(&self.shared),
+                failures: self.failures,
+                cooldown: self.cooldown,
+                role: Role::Normal,
+                done: false,
+            }),
+        })
+    }
+
     /// Resets through to the store, whatever the breaker's state (an operator's reset is rare
     /// and should be tried), without counting towards the breaker.
     fn reset(

@@ -491,7 +491,7 @@ const M1: [MultiRow; 9] = [
 ];
 
 /// Runs every case: [`gcra_vectors`], [`multi_quota_vector`], [`peek`], [`atomicity`],
-/// [`reset`], [`tiers`], in that order.
+/// [`reset`], [`tiers`], [`adjust`], in that order.
 ///
 /// # Errors
 /// The first [`Failure`]: the first answer that differs from the GCRA, or a store error.
@@ -501,7 +501,8 @@ pub async fn run_all<H: Harness>(h: &mut H) -> Result<(), Failure> {
     peek(h).await?;
     atomicity(h).await?;
     reset(h).await?;
-    tiers(h).await
+    tiers(h).await?;
+    adjust(h).await
 }
 
 /// The GCRA test vectors V1-V4 through [`Harness::check_at`], each on a fresh key at instants
@@ -583,6 +584,8 @@ enum Call {
     Check(u32),
     /// `Store::peek`.
     Peek,
+    /// `Store::adjust` by this many units.
+    Adjust(i64),
 }
 
 /// Calls to make in a row, each with the outcome and every quota's remaining it must give.
@@ -600,6 +603,16 @@ async fn expect<S: Store>(
     let answer = match call {
         Call::Check(cost) => store.check(policy, key, cost).await,
         Call::Peek => store.peek(policy, key).await,
+        Call::Adjust(delta) => match store.adjust(policy, key, delta) {
+            Some(fut) => fut.await,
+            None => {
+                return Err(at.failure(
+                    "Store::adjust",
+                    "a future (refunds and reconciliation need it)".into(),
+                    "None: the store does not implement it".into(),
+                ));
+            }
+        },
     };
     let d = at.answer(answer)?;
     at.eq("outcome", outcome, d.outcome(), &d)?;
@@ -911,6 +924,127 @@ pub async fn tiers<H: Harness>(h: &mut H) -> Result<(), Failure> {
         );
         row += 1;
         expect(store, at, (p, &k), call, outcome, remaining).await?;
+    }
+    Ok(())
+}
+
+/// Adjustments ([`Store::adjust`]) on the store's own clock (`T` = 1 h), exactly as
+/// [`gcra::adjust`](crate::gcra::adjust): a refund gives units back but never leaves a client
+/// better off than a fresh one (the capacity, not more, can be spent after refunding more than
+/// was charged, and refunding a fresh or unknown key changes nothing); a refund lifts a denial it
+/// made obsolete at once (a store that remembers denials must forget them); a positive
+/// adjustment charges unconditionally, beyond the capacity, so the next request is denied with a
+/// `retry_after` that counts the whole debt; 50 concurrent refunds of one unit on a key with 3
+/// used leave it exactly fresh; a policy of two quotas is adjusted on both.
+///
+/// # Errors
+/// A [`Failure`] of case `adjust`, also when the store does not implement [`Store::adjust`].
+pub async fn adjust<H: Harness>(h: &mut H) -> Result<(), Failure> {
+    use Call::{Adjust, Check, Peek};
+    let store = h.store();
+    let steps: [(&str, &[&str], Calls); 3] = [
+        (
+            "refunds (5/5h)",
+            &["5/5h"],
+            &[
+                (Adjust(-1), A, &[5]),
+                (Peek, A, &[5]),
+                (Check(3), A, &[2]),
+                (Adjust(-1), A, &[3]),
+                (Check(3), A, &[0]),
+                (Check(1), D, &[0]),
+                (Check(1), D, &[0]),
+                (Adjust(-2), A, &[2]),
+                (Check(1), A, &[1]),
+                (Adjust(-100), A, &[5]),
+                (Adjust(-1), A, &[5]),
+                (Check(5), A, &[0]),
+                (Check(1), D, &[0]),
+                (Adjust(0), A, &[0]),
+                (Check(1), D, &[0]),
+            ],
+        ),
+        (
+            "debt (5/5h)",
+            &["5/5h"],
+            &[
+                (Check(2), A, &[3]),
+                (Adjust(6), A, &[0]),
+                (Peek, A, &[0]),
+                (Check(1), D, &[0]),
+                (Adjust(-3), A, &[0]),
+                (Adjust(-1), A, &[1]),
+                (Check(1), A, &[0]),
+                (Check(1), D, &[0]),
+            ],
+        ),
+        (
+            "two quotas (5/5h and 2/2h)",
+            &["5/5h", "2/2h"],
+            &[
+                (Adjust(-1), A, &[5, 2]),
+                (Check(2), A, &[3, 0]),
+                (Check(1), D, &[3, 0]),
+                (Adjust(-1), A, &[4, 1]),
+                (Check(1), A, &[3, 0]),
+                (Adjust(3), A, &[0, 0]),
+                (Adjust(-5), A, &[5, 2]),
+                (Adjust(1), A, &[4, 1]),
+            ],
+        ),
+    ];
+    for (part, quotas, calls) in steps {
+        let policy = policy("conformance-adjust", quotas);
+        let key = fresh_key("adjust");
+        for (i, &(call, outcome, remaining)) in calls.iter().enumerate() {
+            let at = At::new("adjust", part, i, format!("{call:?}"));
+            let d = expect(store, at, (&policy, &key), call, outcome, remaining).await?;
+            if part.starts_with("debt") && matches!(call, Check(1)) && i == 3 {
+                // 8 units used of 5: the next unit waits for 4 of them, less the moments the
+                // case has run (well under a minute).
+                let at = At::new("adjust", part, i, "the denial after the debt".into());
+                let retry = d.retry_after().unwrap_or_default();
+                let four = Duration::from_secs(4 * 3600);
+                let ok = retry <= four && retry > four - Duration::from_secs(60);
+                if !ok {
+                    return Err(at.failure(
+                        "retry_after",
+                        "just under 4 h (the debt)".into(),
+                        format!("{retry:?}"),
+                    ));
+                }
+            }
+        }
+    }
+    // 50 concurrent refunds of one unit on a key with 3 used: exactly fresh afterwards, the
+    // capacity (and no more) can be spent.
+    let policy = policy("conformance-adjust-concurrent", &["5/5h"]);
+    let key = fresh_key("adjust-concurrent");
+    let at = At::new("adjust", "concurrent (5/5h)", 0, "Check(3)".into());
+    expect(store, at, (&policy, &key), Check(3), A, &[2]).await?;
+    let mut futures = Vec::new();
+    for i in 0..50 {
+        match store.adjust(&policy, &key, -1) {
+            Some(fut) => futures.push(fut),
+            None => {
+                let at = At::new("adjust", "concurrent (5/5h)", i, "Adjust(-1)".into());
+                return Err(at.failure(
+                    "Store::adjust",
+                    "a future".into(),
+                    "None: the store does not implement it".into(),
+                ));
+            }
+        }
+    }
+    for (i, answer) in join_all(futures).await.into_iter().enumerate() {
+        let at = At::new("adjust", "concurrent (5/5h)", i + 1, "Adjust(-1)".into());
+        at.answer(answer)?;
+    }
+    let after: [(Call, Outcome, &[u32]); 3] =
+        [(Peek, A, &[5]), (Check(5), A, &[0]), (Check(1), D, &[0])];
+    for (i, (call, outcome, remaining)) in after.into_iter().enumerate() {
+        let at = At::new("adjust", "concurrent (5/5h)", 51 + i, format!("{call:?}"));
+        expect(store, at, (&policy, &key), call, outcome, remaining).await?;
     }
     Ok(())
 }

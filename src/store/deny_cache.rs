@@ -581,10 +581,39 @@ impl<S: Store, C: Clock> Store for DenyCache<S, C> {
             len,
             sent: now,
             policy: policy.clone(),
+            forget: false,
         });
         DenyCacheFuture {
             state: State::Store { fut, note },
         }
+    }
+
+    /// The inner store's adjustment. A refund (`delta < 0`) forgets the client's remembered
+    /// denial before the store is asked and again when it has answered, so that no local
+    /// denial outlives the refund that made it obsolete (a denial noted while the refund was on
+    /// its way is older than it). An unconditional charge only adds to the store's TAT, so a
+    /// remembered TAT stays a lower bound; it is brought forward with the store's answer.
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<Self::Future> {
+        let shared = &*self.shared;
+        let now = shared.clock.now_micros();
+        let mut buf = [0u8; MAX_COMPOSED];
+        let len = compose(&mut buf, policy, key);
+        let forget = delta < 0;
+        if let (true, Some(len)) = (forget, len) {
+            shared.remove(&buf[..len]);
+        }
+        let fut = self.store.adjust(policy, key, delta)?;
+        let note = len.map(|len| Note {
+            shared: Arc::clone(&self.shared),
+            key: buf,
+            len,
+            sent: now,
+            policy: policy.clone(),
+            forget,
+        });
+        Some(DenyCacheFuture {
+            state: State::Store { fut, note },
+        })
     }
 
     /// A local denial at once; otherwise the inner store's own `check_ready` (whose decision is
@@ -653,6 +682,8 @@ struct Note<C> {
     sent: u64,
     /// Two reference counts: cheaper than copying the quotas.
     policy: Policy,
+    /// A refund: forget the key's remembered denial instead of noting the answer.
+    forget: bool,
 }
 
 pin_project! {
@@ -707,10 +738,18 @@ where
             },
             StateProj::Store { fut, note } => {
                 let result = ready!(fut.poll(cx));
-                if let (Ok(decision), Some(note)) = (&result, note.take()) {
+                if let Some(note) = note.take() {
                     let key = note.key.get(..note.len).unwrap_or(&[]);
-                    note.shared
-                        .record(key, note.policy.quotas(), note.sent, decision);
+                    match &result {
+                        // Whether or not the refund was applied (a failure may still have
+                        // reached the store), a remembered denial may be obsolete.
+                        _ if note.forget => note.shared.remove(key),
+                        Ok(decision) => {
+                            note.shared
+                                .record(key, note.policy.quotas(), note.sent, decision);
+                        }
+                        Err(_) => {}
+                    }
                 }
                 state.set(State::Done);
                 Poll::Ready(result)

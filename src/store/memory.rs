@@ -269,6 +269,36 @@ impl<C: Clock> MemoryStore<C> {
         }
     }
 
+    /// Adjusts `key`'s state under `policy` now, synchronously, by `delta` units (a refund when
+    /// negative, an unconditional charge when positive): what [`Store::adjust`] does, exactly
+    /// [`gcra::adjust`] per quota, atomic per key (a compare-and-swap on the TAT; for several
+    /// quotas, under the shard's write guard). Returns a peek of the state after it. A refund
+    /// of an unknown or fresh key changes nothing and stores nothing.
+    ///
+    /// ```
+    /// use tollgate::{Key, MemoryStore, Policy, Quota};
+    ///
+    /// let store = MemoryStore::new();
+    /// let login = Policy::new("login", Quota::per_minute(5)?)?;
+    /// let key = Key::from("alice@192.0.2.7");
+    /// store.check_now(&login, &key, 1); // charged on arrival
+    /// assert_eq!(store.adjust_now(&login, &key, -1).remaining(), 5); // the login succeeded
+    /// assert_eq!(store.adjust_now(&login, &key, -1).remaining(), 5); // never beyond fresh
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn adjust_now(&self, policy: &Policy, key: &Key, delta: i64) -> Decision {
+        let inner = &*self.inner;
+        let mut buf = [0u8; MAX_COMPOSED];
+        let (maps, stored) = match inner.slot(policy) {
+            Some((_, maps)) => (maps, key.as_bytes()),
+            None => (inner.overflow(), compose(&mut buf, policy, key)),
+        };
+        // A frozen state may change now: every thread's copies are void from here on (an
+        // adjustment is rare next to checks, so this costs the flood path little).
+        let _removal = inner.frozen.removal();
+        inner.adjust(maps, stored, policy, delta)
+    }
+
     /// How many keys are stored (entries for every policy).
     pub fn len(&self) -> usize {
         self.inner.all_maps().map(Maps::len).sum()
@@ -498,6 +528,82 @@ impl<C: Clock> Inner<C> {
         decision
     }
 
+    /// [`MemoryStore::adjust_now`] on `maps`, where the client's entry is spelled `stored`.
+    fn adjust(&self, maps: &Maps, stored: &[u8], policy: &Policy, delta: i64) -> Decision {
+        let quotas = policy.quotas();
+        let now = self.clock.now_micros();
+        if let [quota] = quotas {
+            let cas = |tat: &AtomicU64| {
+                let mut current = tat.load(Ordering::Acquire);
+                loop {
+                    let now = self.clock.now_micros();
+                    let step = gcra::adjust(current, now, quota, delta);
+                    let Some(new_tat) = step.write else {
+                        return step.decision;
+                    };
+                    match tat.compare_exchange_weak(
+                        current,
+                        new_tat,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => return step.decision,
+                        Err(actual) => current = actual,
+                    }
+                }
+            };
+            if let Some(tat) = maps.map.get(stored) {
+                return cas(&tat);
+            }
+            if delta <= 0 {
+                return gcra::adjust(0, now, quota, delta).decision;
+            }
+            let (decision, inserted) = {
+                let (tat, inserted) = match maps.map.entry(StoredKey::new(stored)) {
+                    Entry::Occupied(entry) => (entry.into_ref(), false),
+                    Entry::Vacant(entry) => (entry.insert(AtomicU64::new(0)), true),
+                };
+                (cas(&tat), inserted)
+            };
+            if inserted {
+                self.after_insert();
+            }
+            return decision;
+        }
+        let apply = |tats: &mut [u64]| {
+            if tats.len() != quotas.len() {
+                tats.iter_mut().for_each(|t| *t = 0);
+            }
+            let step = gcra::adjust_all(tats, now, quotas, delta);
+            if let Some(writes) = &step.writes {
+                tats.copy_from_slice(writes);
+            }
+            step.decision
+        };
+        let mut fresh = vec![0u64; quotas.len()];
+        if delta <= 0 {
+            let Some(multi) = maps.multi.get() else {
+                return apply(&mut fresh);
+            };
+            return match multi.get_mut(stored) {
+                Some(mut tats) => apply(&mut tats),
+                None => apply(&mut fresh),
+            };
+        }
+        let multi = maps.multi.get_or_init(|| new_map(self.max_keys));
+        let (decision, inserted) = {
+            let (mut tats, inserted) = match multi.entry(StoredKey::new(stored)) {
+                Entry::Occupied(entry) => (entry.into_ref(), false),
+                Entry::Vacant(entry) => (entry.insert(fresh.into_boxed_slice()), true),
+            };
+            (apply(&mut tats), inserted)
+        };
+        if inserted {
+            self.after_insert();
+        }
+        decision
+    }
+
     /// After a new key landed (its shard's lock released): counts it, and if a pass is due,
     /// runs it here when the maps are small (a bounded pass, see `SMALL_PASS`), or else wakes
     /// the sweeper. Past the bound, makes room at once by evicting one named candidate; past
@@ -687,6 +793,11 @@ impl<C: Clock> Store for MemoryStore<C> {
         cost: u32,
     ) -> Option<Result<Decision, StoreError>> {
         Some(Ok(self.check_now(policy, key, cost)))
+    }
+
+    /// Applied at once: the returned future is ready with the state after the adjustment.
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<Self::Future> {
+        Some(ready(Ok(self.adjust_now(policy, key, delta))))
     }
 
     fn reset(

@@ -181,6 +181,26 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Adjusts `key`'s state under `policy` after the fact, atomically: `delta > 0` charges
+    /// `delta` units unconditionally (admitted or not, so the client may go into debt and its
+    /// next requests wait), `delta < 0` gives `-delta` units back, but never further than a
+    /// fresh state (the TAT never goes below now). Exactly [`gcra::adjust`](crate::gcra::adjust)
+    /// per quota; the decision is a peek of the state after it. This is what the layer's
+    /// refunds ([`Builder::refund_when`](crate::Builder::refund_when)) and reconciliations
+    /// ([`Builder::reconcile`](crate::Builder::reconcile)) call, at most once per request.
+    ///
+    /// `None` means the store cannot adjust: the default, so a store of your own keeps
+    /// compiling, and the layer then keeps every charge as it was made (it counts and logs each
+    /// adjustment it could not make). Every store in tollgate implements it.
+    ///
+    /// A store must apply an adjustment at most once: the layer never retries one that failed
+    /// (a timed-out refund may have been applied, and applying it twice would give back what
+    /// another request was charged).
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<Self::Future> {
+        let _ = (policy, key, delta);
+        None
+    }
+
     /// Forgets `key`'s state under `policy`: its next request is treated as a new client's.
     fn reset(
         &self,
@@ -300,6 +320,10 @@ impl<S: Store> Store for Arc<S> {
         cost: u32,
     ) -> Option<Result<Decision, StoreError>> {
         (**self).check_ready(policy, key, cost)
+    }
+
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<Self::Future> {
+        (**self).adjust(policy, key, delta)
     }
 
     fn reset(

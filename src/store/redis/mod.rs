@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+mod adjust;
 mod batch;
 mod errors;
 mod keys;
@@ -183,6 +184,23 @@ impl RedisStore {
     pub fn cluster_builder<S: AsRef<str>>(nodes: impl IntoIterator<Item = S>) -> RedisStoreBuilder {
         let nodes = nodes.into_iter().map(|s| s.as_ref().to_owned()).collect();
         RedisStoreBuilder::new(Source::Cluster(nodes))
+    }
+
+    /// **For tests only.** Adjusts as [`Store::adjust`] does, with `now` sent to the script
+    /// instead of the Redis server's `TIME` (see [`RedisStore::check_at`]).
+    ///
+    /// # Errors
+    /// As [`RedisStore::inspect`].
+    pub async fn adjust_at(
+        &self,
+        policy: &Policy,
+        key: &Key,
+        delta: i64,
+        now_micros: u64,
+    ) -> Result<Decision, StoreError> {
+        self.inner
+            .adjust(policy, key, delta, Some(now_micros))
+            .await
     }
 
     /// The Redis key that holds `key`'s state under `policy`:
@@ -677,6 +695,16 @@ impl Store for RedisStore {
 
     fn check(&self, policy: &Policy, key: &Key, cost: u32) -> Self::Future {
         batch::check(&self.inner, policy, key, cost)
+    }
+
+    /// One `EVALSHA` of `lua/adjust.lua`, atomic over the policy's quotas; sent when the
+    /// future is first polled, bounded by the command timeout, never retried (but for
+    /// `NOSCRIPT`, which means it did not run).
+    fn adjust(&self, policy: &Policy, key: &Key, delta: i64) -> Option<Self::Future> {
+        let (inner, policy, key) = (Arc::clone(&self.inner), policy.clone(), key.clone());
+        Some(Box::pin(async move {
+            inner.adjust(&policy, &key, delta, None).await
+        }))
     }
 
     fn reset(
