@@ -2,8 +2,8 @@
 //! replaced when a failover names another.
 //!
 //! The store keeps one `ConnectionManager` to the current primary, as a URL store does. A
-//! decision that fails with a connection error, a timeout or `READONLY` (the server was demoted
-//! to a replica) asks the sentinels again in the background, at most once per
+//! decision that fails with a connection error, a timeout (its future dropped by the command
+//! timeout included) or `READONLY` (the server was demoted to a replica) asks the sentinels again in the background, at most once per
 //! [`RESOLVE_INTERVAL`]; when they name another primary, the next decisions go there. Requests
 //! never wait for the sentinels: until the new primary is known they fail fast and the layer's
 //! fail mode applies.
@@ -78,15 +78,19 @@ impl Follower {
                  in the background)",
             ));
         };
+        // Armed while the command runs: a decision whose command timeout ends first drops this
+        // future, and that timeout must start a lookup as an error reply does.
+        let mut guard = KickOnDrop {
+            follower: self,
+            armed: true,
+        };
         let result = super::query(&mut manager, cmd, reload).await;
-        if let Err(e) = &result {
-            if matches!(
+        guard.armed = result.as_ref().is_err_and(|e| {
+            matches!(
                 e.kind(),
                 StoreErrorKind::Connection | StoreErrorKind::Timeout
-            ) {
-                self.kick();
-            }
-        }
+            )
+        });
         result
     }
 
@@ -158,5 +162,19 @@ impl Follower {
             ),
         }
         Ok(())
+    }
+}
+
+/// Starts a lookup of the primary when dropped armed.
+struct KickOnDrop<'a> {
+    follower: &'a Arc<Follower>,
+    armed: bool,
+}
+
+impl Drop for KickOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.follower.kick();
+        }
     }
 }
