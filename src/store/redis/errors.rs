@@ -76,12 +76,10 @@ pub enum RedisConfigError {
 /// carries (the word after the first ` -`) is taken instead of `ERR`.
 pub(super) fn server_code(e: &RedisError) -> Option<&str> {
     let code = e.code()?;
-    if code == "ERR" {
-        if let Some(inner) = e.detail().and_then(wrapped_code) {
-            return Some(inner);
-        }
+    match e.detail().and_then(wrapped_code) {
+        Some(inner) if code == "ERR" => Some(inner),
+        _ => Some(code),
     }
-    Some(code)
 }
 
 /// The code of the error reply wrapped in a pre-7 script error: ` -CODE ` in capitals.

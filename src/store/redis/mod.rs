@@ -764,6 +764,8 @@ fn sentinel_client(
             }
         })
         .collect();
+    // A `String`: redis-rs takes one without its TLS feature, `impl AsRef<str>` with it.
+    #[allow(clippy::unnecessary_to_owned)]
     SentinelClient::build(urls, master.to_owned(), None, SentinelServerType::Master)
         .map_err(|source| RedisConfigError::Sentinel { source })
 }
