@@ -349,6 +349,18 @@ impl RedisStore {
     /// deadpool's recycle check (a `PING` round trip) on top of the script; prefer
     /// [`RedisStore::builder`] when you have the choice. The pool's own timeouts apply too, but
     /// the command timeout bounds the whole decision either way.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tollgate::store::redis::RedisStore;
+    ///
+    /// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:1/0")
+    ///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+    /// let store = RedisStore::from_pool(pool).build().await?;
+    /// assert!(store.ping().await.is_err(), "nothing listens on port 1");
+    /// # Ok(()) }
+    /// ```
     pub fn from_pool(pool: deadpool_redis::Pool) -> RedisStoreBuilder {
         RedisStoreBuilder::new(Source::Pool(pool))
     }
@@ -356,6 +368,21 @@ impl RedisStore {
     /// A builder for a store on a Redis Cluster reached through any of `nodes` (URLs like
     /// `redis://10.0.0.1:7000`). Every client's keys carry the same hash tag, so each decision
     /// touches one slot on one primary.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tollgate::store::redis::RedisStore;
+    ///
+    /// // No cluster listens there: the store starts, and decisions fail until one does.
+    /// let store = RedisStore::cluster_builder(["redis://127.0.0.1:1", "redis://127.0.0.1:2"])
+    ///     .connect_timeout(Duration::from_millis(100))
+    ///     .build()
+    ///     .await?;
+    /// assert!(store.ping().await.is_err());
+    /// # Ok(()) }
+    /// ```
     #[cfg(feature = "redis-cluster")]
     pub fn cluster_builder<S: AsRef<str>>(nodes: impl IntoIterator<Item = S>) -> RedisStoreBuilder {
         let nodes = nodes.into_iter().map(|s| s.as_ref().to_owned()).collect();

@@ -96,11 +96,15 @@ impl Follower {
 
     /// Starts a lookup of the primary unless one runs already.
     pub(super) fn kick(self: &Arc<Self>) {
+        // A decision's future may be dropped outside the runtime (at shutdown): no lookup then.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         if self.resolving.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let wait = {
                 let last = this.last_resolve.lock().unwrap_or_else(|e| e.into_inner());
                 last.map_or(Duration::ZERO, |t| {
