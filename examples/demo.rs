@@ -17,7 +17,7 @@
 //! `GET /healthz` (never limited), and with `--admin-token` `GET /admin/stats` and
 //! `POST /admin/reset/{identity}` (an API key or an IP address), and with `--tiers`
 //! `POST /admin/tier/{identity}/{tier}`. `--help` explains the flags: `--listen`,
-//! `--redis-url`, `--rate`, `--capacity`, `--expensive-rate`, `--key`, `--trusted-proxy`,
+//! `--redis-url`, `--redis-sentinel`, `--redis-master`, `--rate`, `--capacity`, `--expensive-rate`, `--key`, `--trusted-proxy`,
 //! `--fail-mode`, `--fallback-divisor`, `--store-timeout-ms`, `--headers`, `--admin-token`,
 //! `--deny-cache`, `--breaker`, `--multi-quotas`, `--tiers`, `--tier-of`, `--metrics-listen`,
 //! `--login-rate`, `--token-rate`, `--token-estimate`.
@@ -59,6 +59,19 @@ struct Args {
     /// Use RedisStore at this URL (needs --features redis); omitted: MemoryStore.
     #[arg(long = "redis-url", value_name = "URL")]
     redis_url: Option<String>,
+    /// Use RedisStore on the primary Redis Sentinel names --redis-master, asking these
+    /// sentinels (comma-separated host:port list), instead of --redis-url; follows failovers.
+    #[arg(
+        long = "redis-sentinel",
+        value_name = "ADDRS",
+        conflicts_with = "redis_url",
+        value_delimiter = ','
+    )]
+    redis_sentinel: Option<Vec<String>>,
+    /// The master name the sentinels monitor (with --redis-sentinel).
+    #[arg(long = "redis-master", value_name = "NAME", default_value = "mymaster")]
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    redis_master: String,
     /// Global policy "default", e.g. 60/m.
     #[arg(long = "rate", value_name = "RATE", default_value = "60/m")]
     rate: Quota,
@@ -675,14 +688,29 @@ async fn serve_metrics(_addr: SocketAddr) -> Result<SocketAddr, String> {
         .into())
 }
 
+/// Where the Redis store is: `--redis-url`, or `--redis-sentinel` with `--redis-master`.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+enum RedisTarget<'a> {
+    Url(&'a str),
+    Sentinel(&'a [String], &'a str),
+}
+
 #[cfg(feature = "redis")]
-async fn redis_app(args: &Args, url: &str) -> Result<Router, String> {
+async fn redis_app(args: &Args, target: RedisTarget<'_>) -> Result<Router, String> {
+    use tollgate::store::redis::RedisStore;
     use tollgate::{CircuitBreaker, DenyCache};
-    let redis = tollgate::store::redis::RedisStore::builder(url)
+    let (builder, flag) = match target {
+        RedisTarget::Url(url) => (RedisStore::builder(url), "--redis-url"),
+        RedisTarget::Sentinel(sentinels, master) => (
+            RedisStore::sentinel_builder(sentinels, master),
+            "--redis-sentinel",
+        ),
+    };
+    let redis = builder
         .command_timeout(Duration::from_millis(args.store_timeout_ms))
         .build()
         .await
-        .map_err(|e| format!("--redis-url: {e}"))?;
+        .map_err(|e| format!("{flag}: {e}"))?;
     // The deny cache sits in front, so a flood of denied requests never reaches the breaker or
     // Redis; the breaker sits right around Redis.
     match (args.deny_cache, args.breaker) {
@@ -733,10 +761,18 @@ fn breaker_json<S, C: tollgate::Clock>(
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis_app(_args: &Args, _url: &str) -> Result<Router, String> {
-    Err("--redis-url needs the redis feature: \
-         cargo run --example demo --features redis -- --redis-url redis://127.0.0.1:6379"
-        .into())
+async fn redis_app(_args: &Args, target: RedisTarget<'_>) -> Result<Router, String> {
+    Err(match target {
+        RedisTarget::Url(_) => {
+            "--redis-url needs the redis feature: \
+             cargo run --example demo --features redis -- --redis-url redis://127.0.0.1:6379"
+        }
+        RedisTarget::Sentinel(..) => {
+            "--redis-sentinel needs the redis feature: \
+             cargo run --example demo --features redis -- --redis-sentinel 127.0.0.1:26379"
+        }
+    }
+    .into())
 }
 
 #[tokio::main]
@@ -755,8 +791,13 @@ async fn main() -> ExitCode {
             }
         },
     };
-    let built = match &args.redis_url {
-        Some(url) => redis_app(&args, url).await.map(|r| (r, "redis")),
+    let target = match (&args.redis_url, &args.redis_sentinel) {
+        (Some(url), _) => Some(RedisTarget::Url(url)),
+        (None, Some(sentinels)) => Some(RedisTarget::Sentinel(sentinels, &args.redis_master)),
+        (None, None) => None,
+    };
+    let built = match target {
+        Some(target) => redis_app(&args, target).await.map(|r| (r, "redis")),
         None => app(
             &args,
             BoxStore::new(MemoryStore::new()),

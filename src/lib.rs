@@ -32,7 +32,8 @@
 //! |---|---|---|
 //! | `axum` | yes | reads the peer address from axum's `ConnectInfo<SocketAddr>` |
 //! | `serde` | no | `Deserialize`/`Serialize` for [`Quota`] (`"60/m"` or `{ rate, capacity }`), `Serialize` for [`Stats`] |
-//! | `redis` | no | `RedisStore`: one limit shared by many app servers |
+//! | `redis` | no | `RedisStore`: one limit shared by many app servers (one server, Redis Sentinel, ACL users, databases) |
+//! | `redis-tls` | no | `rediss://` for `RedisStore` (rustls), and your own CA or client certificate |
 //! | `redis-cluster` | no | `RedisStore` on Redis Cluster |
 //! | `metrics` | no | counters and histograms per policy through the `metrics` facade ([`telemetry`]) |
 //! | `test-util` | no | `store::conformance`: the checks every [`Store`] passes, for stores of your own |

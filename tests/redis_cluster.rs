@@ -113,4 +113,29 @@ async fn cluster_vectors_atomicity_hostile_keys_and_script_flush() {
     assert_eq!(other.check(&flush, &key, 1).await.unwrap().remaining(), 2);
     s.reset(&flush, &key).await.unwrap();
     assert_eq!(s.inspect(&flush, &key).await.unwrap().remaining(), 5);
+
+    // A standalone store pointed at one cluster node: keys of the other primaries' slots are
+    // answered MOVED, recognised by its code, and the message says to use cluster_builder.
+    let single = RedisStore::builder(&cluster.urls()[0])
+        .command_timeout(Duration::from_secs(2))
+        .require_connection(true)
+        .build()
+        .await
+        .unwrap();
+    let mut moved = 0;
+    for i in 0..30 {
+        match single
+            .check(&flush, &Key::from(format!("moved-{i}")), 1)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.kind(), tollgate::StoreErrorKind::Connection, "{e}");
+                assert!(e.to_string().contains("cluster_builder"), "{e}");
+                assert!(format!("{e:?}").contains("Moved"), "{e:?}");
+                moved += 1;
+            }
+        }
+    }
+    assert!(moved > 0, "30 keys all hashed to node 0's slots");
 }

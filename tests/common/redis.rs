@@ -138,6 +138,21 @@ impl RedisServer {
         }
     }
 
+    /// Sends `signal` (e.g. `"STOP"`, `"CONT"`) to the server's pid with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("the server runs")
+            .id()
+            .to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Starts the server again on the same port (after [`RedisServer::kill`]).
     pub fn restart(&mut self) {
         self.kill();
@@ -259,5 +274,184 @@ impl RedisCluster {
 
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+/// One `redis-server --sentinel` process monitoring `master` at 127.0.0.1:`master_port`, with
+/// a config file of its own (sentinels rewrite it) in a temp dir; killed by pid on drop.
+pub struct Sentinel {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Sentinel {
+    /// Starts a sentinel with quorum 2, `down-after-milliseconds` `down_after_ms` and a
+    /// failover timeout of `failover_timeout_ms`, and waits until it answers `PING`.
+    pub fn start(
+        master: &str,
+        master_port: u16,
+        down_after_ms: u64,
+        failover_timeout_ms: u64,
+    ) -> Self {
+        require_binaries();
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-sentinel-{}-{}-{port}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create a temp dir for the sentinel");
+        let conf = dir.join("sentinel.conf");
+        let text = format!(
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\nlogfile {log}\n\
+             sentinel monitor {master} 127.0.0.1 {master_port} 2\n\
+             sentinel down-after-milliseconds {master} {down_after_ms}\n\
+             sentinel failover-timeout {master} {failover_timeout_ms}\n\
+             sentinel parallel-syncs {master} 1\n",
+            dir = dir.display(),
+            log = dir.join("sentinel.log").display(),
+        );
+        std::fs::write(&conf, text).expect("write sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{INSTALL_HINT} ({e})"));
+        let sentinel = Self {
+            port,
+            dir,
+            child: Some(child),
+        };
+        if !wait_for_ping(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(10),
+        ) {
+            sentinel.print_log();
+            panic!("redis-server --sentinel on port {port} did not answer PING within 10 s");
+        }
+        sentinel
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli -p PORT args...` against this sentinel.
+    pub fn cli(&self, args: &[&str]) -> String {
+        cli(self.port, args)
+    }
+
+    /// The port of the primary this sentinel names for `master` now.
+    pub fn master_port(&self, master: &str) -> Option<u16> {
+        let out = self.cli(&["SENTINEL", "get-master-addr-by-name", master]);
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// The value of `field` in `SENTINEL master NAME`.
+    pub fn master_field(&self, master: &str, field: &str) -> Option<String> {
+        let out = self.cli(&["SENTINEL", "master", master]);
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        lines
+            .iter()
+            .position(|l| *l == field)
+            .and_then(|i| lines.get(i + 1))
+            .map(|v| (*v).to_owned())
+    }
+
+    pub fn print_log(&self) {
+        if let Ok(log) = std::fs::read_to_string(self.dir.join("sentinel.log")) {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- sentinel :{} log (last lines) ----", self.port);
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_log();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A primary, one replica of it and three sentinels (quorum 2) watching it as `mymaster`,
+/// ready: the replica is in sync and every sentinel knows the replica and the two other
+/// sentinels (so that they can agree on a failover).
+pub struct SentinelSetup {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<Sentinel>,
+}
+
+impl SentinelSetup {
+    pub const MASTER: &'static str = "mymaster";
+
+    pub fn start(down_after_ms: u64, failover_timeout_ms: u64) -> Self {
+        let primary = RedisServer::start();
+        let port = primary.port.to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not sync in 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let sentinels: Vec<Sentinel> = (0..3)
+            .map(|_| {
+                Sentinel::start(
+                    Self::MASTER,
+                    primary.port,
+                    down_after_ms,
+                    failover_timeout_ms,
+                )
+            })
+            .collect();
+        // Sentinels find each other through hello messages on the primary (every 2 s) and the
+        // replica through INFO (every 10 s, sooner at start).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = sentinels.iter().all(|s| {
+                s.master_field(Self::MASTER, "num-other-sentinels")
+                    .as_deref()
+                    == Some("2")
+                    && s.master_field(Self::MASTER, "num-slaves").as_deref() == Some("1")
+            });
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels did not see each other and the replica within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            primary,
+            replica,
+            sentinels,
+        }
+    }
+
+    /// `host:port` of each sentinel.
+    pub fn sentinel_addrs(&self) -> Vec<String> {
+        self.sentinels.iter().map(Sentinel::addr).collect()
     }
 }

@@ -28,6 +28,7 @@ mod adjust;
 mod batch;
 mod errors;
 mod keys;
+mod sentinel;
 
 use std::fmt;
 use std::future::Future;
@@ -36,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
 
 pub use batch::{DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES};
@@ -93,6 +95,7 @@ struct Inner {
 
 enum Backend {
     Manager(ConnectionManager),
+    Sentinel(Arc<sentinel::Follower>),
     Pool(deadpool_redis::Pool),
     #[cfg(feature = "redis-cluster")]
     Cluster(redis::cluster_async::ClusterConnection),
@@ -102,6 +105,7 @@ impl Backend {
     fn name(&self) -> &'static str {
         match self {
             Self::Manager(_) => "connection manager",
+            Self::Sentinel(_) => "sentinel",
             Self::Pool(_) => "deadpool pool",
             #[cfg(feature = "redis-cluster")]
             Self::Cluster(_) => "cluster",
@@ -121,13 +125,25 @@ impl fmt::Debug for RedisStore {
 
 enum Source {
     Url(String),
+    Info(Box<redis::ConnectionInfo>),
+    Client(redis::Client),
+    #[cfg(feature = "redis-tls")]
+    Tls(String, redis::TlsCertificates),
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+    SentinelClient(Box<SentinelClient>),
     Pool(deadpool_redis::Pool),
     #[cfg(feature = "redis-cluster")]
     Cluster(Vec<String>),
 }
 
-/// Configures a [`RedisStore`]; made by [`RedisStore::builder`], [`RedisStore::from_pool`] or
-/// `RedisStore::cluster_builder` (feature `redis-cluster`).
+/// Configures a [`RedisStore`]; made by [`RedisStore::builder`], [`RedisStore::from_client`],
+/// [`RedisStore::from_connection_info`], [`RedisStore::sentinel_builder`],
+/// [`RedisStore::from_sentinel_client`], [`RedisStore::from_pool`],
+/// `RedisStore::builder_with_tls` (feature `redis-tls`) or `RedisStore::cluster_builder`
+/// (feature `redis-cluster`).
 #[must_use]
 pub struct RedisStoreBuilder {
     source: Source,
@@ -143,6 +159,11 @@ impl fmt::Debug for RedisStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let source = match &self.source {
             Source::Url(_) => "url",
+            Source::Info(_) => "connection info",
+            Source::Client(_) => "client",
+            #[cfg(feature = "redis-tls")]
+            Source::Tls(..) => "url with TLS certificates",
+            Source::Sentinel { .. } | Source::SentinelClient(_) => "sentinel",
             Source::Pool(_) => "pool",
             #[cfg(feature = "redis-cluster")]
             Source::Cluster(_) => "cluster",
@@ -164,8 +185,172 @@ impl RedisStore {
     /// `rediss://` needs the redis crate's TLS features). The store keeps one multiplexed,
     /// automatically reconnecting connection (redis-rs `ConnectionManager`), the faster of the
     /// two options measured (see the module docs).
+    ///
+    /// ACL users and the database index go in the URL:
+    /// `redis://USER:PASSWORD@host:port/DB`. The password is never shown: not by `Debug`, not
+    /// in errors, not in logs.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tollgate::store::redis::RedisStore;
+    ///
+    /// // Nothing listens on port 1: the store starts anyway, and its decisions fail (the
+    /// // layer's fail mode applies) until Redis is reachable.
+    /// let store = RedisStore::builder("redis://limiter:s3cret@127.0.0.1:1/2")
+    ///     .prefix("myapp")
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(store.prefix(), "myapp");
+    /// assert!(!format!("{store:?}").contains("s3cret"));
+    /// # Ok(()) }
+    /// ```
     pub fn builder(url: &str) -> RedisStoreBuilder {
         RedisStoreBuilder::new(Source::Url(url.to_owned()))
+    }
+
+    /// A builder for a store on the server a `redis::Client` points at, with everything the
+    /// client was configured with (address, TLS certificates, ACL user, database, protocol).
+    /// The store keeps its own `ConnectionManager` made from the client, as
+    /// [`RedisStore::builder`] does.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tollgate::store::redis::RedisStore;
+    ///
+    /// let client = redis::Client::open("redis://127.0.0.1:1/0")?;
+    /// let store = RedisStore::from_client(client).build().await?;
+    /// assert!(store.ping().await.is_err(), "nothing listens on port 1");
+    /// # Ok(()) }
+    /// ```
+    pub fn from_client(client: redis::Client) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Source::Client(client))
+    }
+
+    /// A builder for a store on the server `info` describes: address, ACL user and password,
+    /// database index, as [`RedisStore::from_client`] with `redis::Client::open(info)`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
+    /// use tollgate::store::redis::RedisStore;
+    ///
+    /// let info = ConnectionAddr::Tcp("127.0.0.1".into(), 1)
+    ///     .into_connection_info()?
+    ///     .set_redis_settings(
+    ///         RedisConnectionInfo::default()
+    ///             .set_username("limiter")
+    ///             .set_password("s3cret")
+    ///             .set_db(3),
+    ///     );
+    /// let store = RedisStore::from_connection_info(info).build().await?;
+    /// assert!(!format!("{store:?}").contains("s3cret"));
+    /// # Ok(()) }
+    /// ```
+    pub fn from_connection_info(info: redis::ConnectionInfo) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Source::Info(Box::new(info)))
+    }
+
+    /// A builder for a store on a `rediss://` URL whose server certificate is checked against
+    /// `certificates.root_cert` (a PEM CA, for a private CA) instead of the system's roots, and
+    /// which may present a client certificate (`certificates.client_tls`, for
+    /// `tls-auth-clients yes`). For a server with a publicly trusted certificate,
+    /// [`RedisStore::builder`] with a `rediss://` URL is enough.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tollgate::store::redis::RedisStore;
+    ///
+    /// # let ca_pem = rcgen::generate_simple_self_signed(vec!["localhost".into()])?.cert.pem();
+    /// let certificates = redis::TlsCertificates {
+    ///     client_tls: None,
+    ///     root_cert: Some(ca_pem.into_bytes()),
+    /// };
+    /// let store = RedisStore::builder_with_tls("rediss://localhost:1", certificates)
+    ///     .build()
+    ///     .await?;
+    /// assert!(store.ping().await.is_err(), "nothing listens on port 1");
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "redis-tls")]
+    pub fn builder_with_tls(url: &str, certificates: redis::TlsCertificates) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Source::Tls(url.to_owned(), certificates))
+    }
+
+    /// A builder for a store on the primary that Redis Sentinel names `master` (often
+    /// `"mymaster"`), asking any of `sentinels` (`host:port`, or `redis://host:port` URLs, which
+    /// may carry the sentinels' own user and password).
+    ///
+    /// The store follows failovers: when a decision fails with a connection error, a timeout
+    /// or `READONLY` (the server it used was demoted), it asks the sentinels again in the
+    /// background (at most every 100 ms) and moves to the primary they name. Decisions resume
+    /// as soon as the sentinels have promoted a replica; meanwhile they fail fast and the fail
+    /// mode applies. What a failover can lose is in the [module docs](self#redis-sentinel).
+    /// For an ACL user, a database or TLS on the primary, build a
+    /// `redis::sentinel::SentinelClient` and use [`RedisStore::from_sentinel_client`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tollgate::store::redis::RedisStore;
+    ///
+    /// // No sentinel listens on these ports: the store starts, knows no primary yet, and keeps
+    /// // asking while decisions fail fast.
+    /// let store = RedisStore::sentinel_builder(["127.0.0.1:1", "127.0.0.1:2"], "mymaster")
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(store.sentinel_primary(), None);
+    /// # Ok(()) }
+    /// ```
+    pub fn sentinel_builder<S: AsRef<str>>(
+        sentinels: impl IntoIterator<Item = S>,
+        master: &str,
+    ) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Source::Sentinel {
+            sentinels: sentinels
+                .into_iter()
+                .map(|s| s.as_ref().trim().to_owned())
+                .collect(),
+            master: master.to_owned(),
+        })
+    }
+
+    /// A builder for a store on the primary a `redis::sentinel::SentinelClient` finds (built
+    /// for `SentinelServerType::Master`): every setting of redis-rs's `SentinelClientBuilder`
+    /// applies, such as ACL users, passwords and TLS for the sentinels and for the primary,
+    /// and the database index. Follows failovers as [`RedisStore::sentinel_builder`] does.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use redis::ConnectionAddr;
+    /// use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+    /// use tollgate::store::redis::RedisStore;
+    ///
+    /// let sentinels = [ConnectionAddr::Tcp("127.0.0.1".into(), 1)];
+    /// let client = SentinelClientBuilder::new(sentinels, "mymaster", SentinelServerType::Master)?
+    ///     .set_client_to_redis_username("limiter")
+    ///     .set_client_to_redis_password("s3cret")
+    ///     .set_client_to_redis_db(2)
+    ///     .build()?;
+    /// let store = RedisStore::from_sentinel_client(client).build().await?;
+    /// assert_eq!(store.sentinel_primary(), None);
+    /// # Ok(()) }
+    /// ```
+    pub fn from_sentinel_client(client: SentinelClient) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Source::SentinelClient(Box::new(client)))
+    }
+
+    /// For a Sentinel store, the `host:port` of the primary it sends decisions to now (`None`
+    /// before the sentinels have named one, and for other stores).
+    pub fn sentinel_primary(&self) -> Option<String> {
+        match &self.inner.backend {
+            Backend::Sentinel(follower) => follower.primary_addr(),
+            _ => None,
+        }
     }
 
     /// A builder for a store on connections from an existing `deadpool-redis` pool, for apps
@@ -173,6 +358,18 @@ impl RedisStore {
     /// deadpool's recycle check (a `PING` round trip) on top of the script; prefer
     /// [`RedisStore::builder`] when you have the choice. The pool's own timeouts apply too, but
     /// the command timeout bounds the whole decision either way.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tollgate::store::redis::RedisStore;
+    ///
+    /// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:1/0")
+    ///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+    /// let store = RedisStore::from_pool(pool).build().await?;
+    /// assert!(store.ping().await.is_err(), "nothing listens on port 1");
+    /// # Ok(()) }
+    /// ```
     pub fn from_pool(pool: deadpool_redis::Pool) -> RedisStoreBuilder {
         RedisStoreBuilder::new(Source::Pool(pool))
     }
@@ -180,6 +377,21 @@ impl RedisStore {
     /// A builder for a store on a Redis Cluster reached through any of `nodes` (URLs like
     /// `redis://10.0.0.1:7000`). Every client's keys carry the same hash tag, so each decision
     /// touches one slot on one primary.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tollgate::store::redis::RedisStore;
+    ///
+    /// // No cluster listens there: the store starts, and decisions fail until one does.
+    /// let store = RedisStore::cluster_builder(["redis://127.0.0.1:1", "redis://127.0.0.1:2"])
+    ///     .connect_timeout(Duration::from_millis(100))
+    ///     .build()
+    ///     .await?;
+    /// assert!(store.ping().await.is_err());
+    /// # Ok(()) }
+    /// ```
     #[cfg(feature = "redis-cluster")]
     pub fn cluster_builder<S: AsRef<str>>(nodes: impl IntoIterator<Item = S>) -> RedisStoreBuilder {
         let nodes = nodes.into_iter().map(|s| s.as_ref().to_owned()).collect();
@@ -401,22 +613,36 @@ impl RedisStoreBuilder {
                 value: 0,
             });
         }
+        let url_error = |source| RedisConfigError::Url { source };
+        let manager = |client| {
+            ConnectionManager::new_lazy_with_config(client, manager_config(self.connect_timeout))
+                .map(Backend::Manager)
+                .map_err(url_error)
+        };
         let backend = match self.source {
-            Source::Url(url) => {
-                let client = redis::Client::open(url.as_str())
-                    .map_err(|source| RedisConfigError::Url { source })?;
-                // No response timeout inside redis-rs: the store's own command timeout bounds
-                // every decision (connection wait and reload included), and one timer per
-                // request is enough.
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(None)
-                    .set_min_delay(Duration::from_millis(10))
-                    .set_max_delay(Duration::from_millis(100))
-                    .set_number_of_retries(6);
-                let manager = ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|source| RedisConfigError::Url { source })?;
-                Backend::Manager(manager)
+            Source::Url(url) => manager(redis::Client::open(url.as_str()).map_err(url_error)?)?,
+            Source::Info(info) => manager(redis::Client::open(*info).map_err(url_error)?)?,
+            Source::Client(client) => manager(client)?,
+            #[cfg(feature = "redis-tls")]
+            Source::Tls(url, certificates) => manager(
+                redis::Client::build_with_tls(url.as_str(), certificates).map_err(url_error)?,
+            )?,
+            Source::Sentinel { sentinels, master } => {
+                let client = sentinel_client(sentinels, &master)?;
+                let config = manager_config(self.connect_timeout);
+                Backend::Sentinel(sentinel::Follower::new(
+                    client,
+                    config,
+                    self.connect_timeout,
+                ))
+            }
+            Source::SentinelClient(client) => {
+                let config = manager_config(self.connect_timeout);
+                Backend::Sentinel(sentinel::Follower::new(
+                    *client,
+                    config,
+                    self.connect_timeout,
+                ))
             }
             Source::Pool(pool) => Backend::Pool(pool),
             #[cfg(feature = "redis-cluster")]
@@ -456,6 +682,10 @@ impl RedisStoreBuilder {
             }),
         };
         let inner = &store.inner;
+        if let Backend::Sentinel(follower) = &inner.backend {
+            // Errors surface through the script load below.
+            let _ = follower.resolve().await;
+        }
         let warm = tokio::time::timeout(self.connect_timeout, inner.load_scripts()).await;
         let failure = match warm {
             Ok(Ok(_)) => None,
@@ -545,6 +775,7 @@ impl Inner {
     async fn send_on_backend(&self, cmd: &Cmd, load: Option<&Cmd>) -> Result<Value, StoreError> {
         match &self.backend {
             Backend::Manager(m) => query(&mut m.clone(), cmd, load).await,
+            Backend::Sentinel(s) => Box::pin(s.query(cmd, load)).await,
             Backend::Pool(p) => Box::pin(pooled(p, cmd, load)).await,
             #[cfg(feature = "redis-cluster")]
             Backend::Cluster(c) => {
@@ -610,6 +841,45 @@ impl Quotas {
             Self::Policy(policy) => policy.quotas(),
         }
     }
+}
+
+/// The reconnecting connection's settings. No response timeout inside redis-rs: the store's
+/// own command timeout bounds every decision (connection wait and reload included), and one
+/// timer per request is enough.
+fn manager_config(connect_timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(None)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(Duration::from_millis(100))
+        .set_number_of_retries(6)
+}
+
+/// A redis-rs sentinel client for `master` on `sentinels` (`host:port` or URLs).
+fn sentinel_client(
+    sentinels: Vec<String>,
+    master: &str,
+) -> Result<SentinelClient, RedisConfigError> {
+    if sentinels.is_empty() || sentinels.iter().any(String::is_empty) {
+        return Err(RedisConfigError::NoSentinels);
+    }
+    if master.is_empty() {
+        return Err(RedisConfigError::NoSentinelMaster);
+    }
+    let urls: Vec<String> = sentinels
+        .into_iter()
+        .map(|s| {
+            if s.contains("://") {
+                s
+            } else {
+                format!("redis://{s}")
+            }
+        })
+        .collect();
+    // A `String`: redis-rs takes one without its TLS feature, `impl AsRef<str>` with it.
+    #[allow(clippy::unnecessary_to_owned)]
+    SentinelClient::build(urls, master.to_owned(), None, SentinelServerType::Master)
+        .map_err(|source| RedisConfigError::Sentinel { source })
 }
 
 /// `cmd` on a connection checked out of a deadpool pool.
