@@ -35,6 +35,7 @@
 //! | `redis` | no | `RedisStore`: one limit shared by many app servers |
 //! | `redis-cluster` | no | `RedisStore` on Redis Cluster |
 //! | `metrics` | no | counters and histograms per policy through the `metrics` facade ([`telemetry`]) |
+//! | `tonic` | no | gRPC: reads the peer from tonic's `TcpConnectInfo`; limited calls get `RESOURCE_EXHAUSTED` with `RetryInfo` and `QuotaFailure` ([`grpc`]) |
 //! | `test-util` | no | `store::conformance`: the checks every [`Store`] passes, for stores of your own |
 //!
 //! ## Semantics
@@ -47,7 +48,7 @@
 //! Minimum supported Rust version: 1.88.
 
 // A request flows through `layer` (built once) -> `service` (`call`) -> `future` (waits for
-// the store) -> `decide` (verdict, counters, logs) -> `response` / `headers` -> `store` ->
+// the store) -> `decide` (verdict, counters, logs) -> `response` / `grpc` / `headers` -> `store` ->
 // `gcra`; no module uses one before it in that order.
 pub mod clock;
 mod decide;
@@ -55,6 +56,8 @@ pub mod decision;
 pub mod error;
 mod future;
 pub mod gcra;
+#[cfg(feature = "tonic")]
+pub mod grpc;
 pub mod headers;
 pub mod key;
 mod layer;
