@@ -66,6 +66,9 @@ pub(crate) struct Shared<St, K, R> {
     /// Record every layer's decision in the response's extensions.
     pub(crate) response_decisions: bool,
     pub(crate) log_level: Level,
+    /// Which requests are answered the gRPC way.
+    #[cfg(feature = "tonic")]
+    pub(crate) grpc: crate::grpc::GrpcMode,
     /// Log client keys as they are instead of their fingerprints (an explicit opt-in).
     pub(crate) log_raw_keys: bool,
     pub(crate) counters: Counters,
@@ -108,7 +111,7 @@ impl TierEntry {
 }
 
 /// What to do with a request once the store (or the fail mode) has decided.
-pub(crate) enum Verdict<B> {
+pub(crate) enum Verdict {
     /// Call the inner service; `fields` says whether the decision's fields go on the response
     /// (not for fail-open verdicts); `outcome` is how it is counted (unless it is delayed).
     Pass {
@@ -118,8 +121,17 @@ pub(crate) enum Verdict<B> {
     },
     /// Answer with the rejection of this denial.
     Deny(Decision),
-    /// Answer without calling the inner service.
-    Respond(Response<RateLimitBody<B>>),
+    /// The store failed and the fail mode is closed: answer with [`Shared::unavailable`].
+    Unavailable,
+}
+
+/// How a layer answers a request without its service: the HTTP way, or (feature `tonic`) the
+/// gRPC way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    Http,
+    #[cfg(feature = "tonic")]
+    Grpc,
 }
 
 /// How a settlement went: done (with the state after it, when the store gave one), or on its
@@ -159,13 +171,13 @@ impl<St, K, R> Shared<St, K, R> {
     }
 
     /// The verdict on a request of tier `tier` whose store check gave `result`.
-    pub(crate) fn verdict<B>(
+    pub(crate) fn verdict(
         &self,
         result: Result<Decision, StoreError>,
         tier: &TierEntry,
         key: &Key,
         cost: u32,
-    ) -> Verdict<B> {
+    ) -> Verdict {
         let mut decision = match result {
             Ok(decision) => decision,
             Err(error) => match self.degrade(&error, tier, key, cost) {
@@ -179,9 +191,7 @@ impl<St, K, R> Shared<St, K, R> {
                 }
                 Degraded::Closed => {
                     self.metrics.request(tier.index, Metric::FailClosed);
-                    let mut response = store_unavailable();
-                    self.mark_degraded(response.headers_mut(), "fail-closed");
-                    return Verdict::Respond(response);
+                    return Verdict::Unavailable;
                 }
             },
         };
@@ -262,7 +272,11 @@ impl<St, K, R> Shared<St, K, R> {
     where
         R: Rejector<B>,
     {
-        let mut response = self.rejector.reject(&decision, parts);
+        let mut response = match self.answer(&parts.headers) {
+            Answer::Http => self.rejector.reject(&decision, parts),
+            #[cfg(feature = "tonic")]
+            Answer::Grpc => crate::grpc::limited(&decision),
+        };
         if self.rejection_fields {
             let headers = response.headers_mut();
             if let Some(retry) = decision.retry_after()
@@ -294,7 +308,11 @@ impl<St, K, R> Shared<St, K, R> {
     /// The answer to a request whose client the key extractor could not identify (a
     /// misconfiguration, such as a server that provides no peer address): 500, and an error
     /// logged at most once a second.
-    pub(crate) fn unidentified<B>(&self, error: &KeyError) -> Response<RateLimitBody<B>> {
+    pub(crate) fn unidentified<B>(
+        &self,
+        error: &KeyError,
+        parts: &Parts,
+    ) -> Response<RateLimitBody<B>> {
         self.counters.add(Counter::KeyErrors);
         self.metrics.request(0, Metric::Unidentified);
         if once_a_second(&self.last_key_error, self.started) {
@@ -302,10 +320,38 @@ impl<St, K, R> Shared<St, K, R> {
                 target: "tollgate::key",
                 policy = self.policy().name(),
                 error = %error,
-                "rate limiter cannot identify the client; answering 500"
+                "rate limiter cannot identify the client; answering 500 (gRPC: INTERNAL)"
             );
         }
-        misconfigured()
+        match self.answer(&parts.headers) {
+            Answer::Http => misconfigured(),
+            #[cfg(feature = "tonic")]
+            Answer::Grpc => crate::grpc::misconfigured(),
+        }
+    }
+
+    /// The answer to a request whose store failed under [`FailMode::Closed`]: 503 with
+    /// `Retry-After: 1` (gRPC: `UNAVAILABLE`), marked degraded when the layer shows it.
+    pub(crate) fn unavailable<B>(&self, parts: &Parts) -> Response<RateLimitBody<B>> {
+        let mut response = match self.answer(&parts.headers) {
+            Answer::Http => store_unavailable(),
+            #[cfg(feature = "tonic")]
+            Answer::Grpc => crate::grpc::store_unavailable(),
+        };
+        self.mark_degraded(response.headers_mut(), "fail-closed");
+        response
+    }
+
+    /// How a request with `headers` is answered when the layer answers it without the service.
+    /// Only called then, so an admitted request never pays for the `content-type` lookup.
+    #[inline]
+    fn answer(&self, headers: &HeaderMap) -> Answer {
+        #[cfg(feature = "tonic")]
+        if self.grpc.applies(headers) {
+            return Answer::Grpc;
+        }
+        let _ = headers;
+        Answer::Http
     }
 
     /// Adds the rate-limit fields of an admitted request's `decision` to its response, marks a

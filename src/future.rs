@@ -264,10 +264,11 @@ where
                 response: Some(shared.reject(entry, decision, &parts)),
             }
         }
-        Verdict::Respond(response) => {
+        Verdict::Unavailable => {
             inner.release();
+            let (parts, _body) = req.into_parts();
             State::Ready {
-                response: Some(response),
+                response: Some(shared.unavailable(&parts)),
             }
         }
     }

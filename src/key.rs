@@ -440,15 +440,15 @@ pub enum KeyError {
 fn missing_peer_message(axum: bool) -> &'static str {
     if axum {
         "ClientIp found no peer address on the request: serve axum with \
-         `into_make_service_with_connect_info::<SocketAddr>()`, or (hyper, tonic) insert a \
-         `tollgate::key::PeerAddr` extension into each request; to key such requests anyway, \
-         see `ClientIp::on_missing_peer`"
+         `into_make_service_with_connect_info::<SocketAddr>()`, serve tonic over TCP with \
+         tollgate's `tonic` feature, or (hyper) insert a `tollgate::key::PeerAddr` extension \
+         into each request; to key such requests anyway, see `ClientIp::on_missing_peer`"
     } else {
         "ClientIp found no peer address on the request: tollgate is built without its `axum` \
          feature, so axum's `ConnectInfo` is not read at all; enable the feature and serve axum \
-         with `into_make_service_with_connect_info::<SocketAddr>()`, or (hyper, tonic) insert \
-         a `tollgate::key::PeerAddr` extension into each request; to key such requests anyway, \
-         see `ClientIp::on_missing_peer`"
+         with `into_make_service_with_connect_info::<SocketAddr>()`, serve tonic over TCP with \
+         tollgate's `tonic` feature, or (hyper) insert a `tollgate::key::PeerAddr` extension \
+         into each request; to key such requests anyway, see `ClientIp::on_missing_peer`"
     }
 }
 
@@ -472,7 +472,8 @@ pub enum MissingPeer {
 /// The socket peer's address, for servers that are not axum: insert it into each request's
 /// extensions (hyper's `service_fn` knows the peer when it accepts the connection).
 ///
-/// [`ClientIp`] reads it first, then axum's `ConnectInfo<SocketAddr>`.
+/// [`ClientIp`] reads it first, then axum's `ConnectInfo<SocketAddr>`, then (feature `tonic`)
+/// tonic's `TcpConnectInfo`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
@@ -509,7 +510,9 @@ pub enum ForwardedHeader {
 /// ```
 ///
 /// The peer address comes from axum's `ConnectInfo<SocketAddr>` (serve with
-/// `into_make_service_with_connect_info::<SocketAddr>()`) or from a [`PeerAddr`] extension.
+/// `into_make_service_with_connect_info::<SocketAddr>()`), from tonic's `TcpConnectInfo` (with
+/// the `tonic` feature: tonic inserts it for TCP connections, with `serve` and with
+/// `serve_with_incoming`), or from a [`PeerAddr`] extension.
 ///
 /// A request with neither is **rejected** by default ([`MissingPeer::Reject`]):
 /// [`try_extract`](KeyExtractor::try_extract) fails with [`KeyError::MissingPeer`], and the
@@ -729,6 +732,13 @@ fn peer_addr(req: &Parts) -> Option<IpAddr> {
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
     {
         return Some(info.0.ip());
+    }
+    #[cfg(feature = "tonic")]
+    if let Some(info) = req
+        .extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+    {
+        return info.remote_addr().map(|addr| addr.ip());
     }
     None
 }

@@ -320,6 +320,8 @@ struct Settings {
     response_decisions: bool,
     log_level: Level,
     log_raw_keys: bool,
+    #[cfg(feature = "tonic")]
+    grpc: crate::grpc::GrpcMode,
     tiers: Option<Tiers>,
     select_tier: Option<Arc<SelectFn>>,
     resolve_tier: Option<(Arc<ResolveFn>, TierCache)>,
@@ -358,6 +360,8 @@ impl Builder {
                 response_decisions: true,
                 log_level: Level::INFO,
                 log_raw_keys: false,
+                #[cfg(feature = "tonic")]
+                grpc: crate::grpc::GrpcMode::Auto,
                 tiers: None,
                 select_tier: None,
                 resolve_tier: None,
@@ -677,6 +681,29 @@ impl<St, K, R> Builder<St, K, R> {
         self
     }
 
+    /// Which requests are answered the gRPC way when the layer answers without the service
+    /// (feature `tonic`; default [`GrpcMode::Auto`](crate::grpc::GrpcMode::Auto): those whose
+    /// `content-type` starts with `application/grpc`). A limited gRPC call then gets status
+    /// `RESOURCE_EXHAUSTED` with `google.rpc.RetryInfo` and `google.rpc.QuotaFailure` details,
+    /// whatever the layer's rejector; see [`tollgate::grpc`](crate::grpc).
+    ///
+    /// ```
+    /// use tollgate::{RateLimitLayer, grpc::GrpcMode, key::Header};
+    ///
+    /// // In front of a tonic server only: every denial is a gRPC status.
+    /// let layer = RateLimitLayer::builder("100/m".parse()?)
+    ///     .key(Header::new("x-api-key")?)
+    ///     .grpc(GrpcMode::Always)
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "tonic")]
+    pub fn grpc(mut self, mode: crate::grpc::GrpcMode) -> Self {
+        self.settings.grpc = mode;
+        self
+    }
+
     /// A different quota per client: the layer's policies are `tiers` (the first is the
     /// default tier), instead of the builder's quota and policy name. Each tier reports under
     /// its own name and keeps its own state; see [`crate::tier`] for how a request's tier is
@@ -814,6 +841,8 @@ impl<St, K, R> Builder<St, K, R> {
             response_decisions: self.settings.response_decisions,
             log_level: self.settings.log_level,
             log_raw_keys: self.settings.log_raw_keys,
+            #[cfg(feature = "tonic")]
+            grpc: self.settings.grpc,
             counters: Counters::new(),
             last_warning: AtomicU64::new(0),
             last_key_error: AtomicU64::new(0),

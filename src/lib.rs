@@ -36,6 +36,7 @@
 //! | `redis-tls` | no | `rediss://` for `RedisStore` (rustls), and your own CA or client certificate |
 //! | `redis-cluster` | no | `RedisStore` on Redis Cluster |
 //! | `metrics` | no | counters and histograms per policy through the `metrics` facade ([`telemetry`]) |
+//! | `tonic` | no | gRPC: reads the peer from tonic's `TcpConnectInfo`; limited calls get `RESOURCE_EXHAUSTED` with `RetryInfo` and `QuotaFailure` ([`grpc`]) |
 //! | `test-util` | no | `store::conformance`: the checks every [`Store`] passes, for stores of your own |
 //! | `server` | no | the `tollgate-server` binary: rate-limit decisions for nginx, Caddy, Traefik and Envoy (implies `metrics`, `redis`, `serde`) |
 //!
@@ -50,14 +51,16 @@
 
 // A request flows through `layer` (built once) -> `service` (`call`) -> `future` (waits for
 // the store) -> `decide` (verdict, counters, logs; `settle` for charges settled after the
-// response) -> `response` / `headers` -> `store` -> `gcra`; no module uses one before it in
-// that order.
+// response) -> `response` / `grpc` / `headers` -> `store` -> `gcra`; no module uses one before
+// it in that order.
 pub mod clock;
 mod decide;
 pub mod decision;
 pub mod error;
 mod future;
 pub mod gcra;
+#[cfg(feature = "tonic")]
+pub mod grpc;
 pub mod headers;
 pub mod key;
 mod layer;

@@ -23,6 +23,9 @@ use crate::headers::{ceil_secs, decimal_len, retry_after_value};
 /// Implemented by [`DefaultRejection`] (status, text or JSON body), by [`RejectWith`] for a
 /// closure returning the inner service's response type, and with the `axum` feature by
 /// [`RejectIntoResponse`] for a closure returning anything `IntoResponse`.
+///
+/// With the `tonic` feature, denied gRPC calls get tollgate's gRPC status instead (see
+/// `tollgate::grpc`), unless the layer is built with `Builder::grpc(GrpcMode::Never)`.
 pub trait Rejector<B>: Send + Sync + 'static {
     /// The response for `decision` (denied, or impossible: [`Decision::retry_after`] is `None`
     /// then) about the request with `parts`.

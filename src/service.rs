@@ -91,7 +91,7 @@ where
                     // that whatever it reserved is released with this response.
                     let clone = self.inner.clone();
                     drop(std::mem::replace(&mut self.inner, clone));
-                    let response = shared.unidentified(&error);
+                    let response = shared.unidentified(&error, &parts);
                     return ResponseFuture::respond(response, Arc::clone(shared));
                 }
             }

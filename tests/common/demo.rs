@@ -1,4 +1,5 @@
-//! Starts the built `examples/demo` binary as a child process and stops it by pid.
+//! Starts the built `examples/demo` binary (or another example) as a child process and stops it
+//! by pid.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -8,17 +9,22 @@ use std::time::Duration;
 
 /// The demo binary cargo built for this test run (examples are built before tests run).
 pub fn demo_binary() -> PathBuf {
+    example_binary("demo")
+}
+
+/// The binary of example `name` cargo built for this test run.
+pub fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test>-<hash> -> target/<profile>/examples/demo
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target/<profile> directory");
-    let bin = profile_dir.join("examples").join("demo");
+    let bin = profile_dir.join("examples").join(name);
     assert!(
         bin.exists(),
         "{} is missing: run the tests with `cargo test` (which builds examples) or \
-         `cargo build --example demo` first",
+         `cargo build --all-features --example {name}` first",
         bin.display()
     );
     bin
@@ -34,7 +40,13 @@ pub struct Demo {
 impl Demo {
     /// Starts the demo with `args` (plus `--listen 127.0.0.1:0`) and waits for its banner.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(demo_binary())
+        Self::start_example("demo", args)
+    }
+
+    /// Starts example `name` with `args` (plus `--listen 127.0.0.1:0`) and waits for the one
+    /// line it prints when ready, which holds `http://ADDR`.
+    pub fn start_example(name: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(example_binary(name))
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::piped())
@@ -57,7 +69,7 @@ impl Demo {
                 let _ = child.kill();
                 let out = child.wait_with_output().expect("demo output");
                 panic!(
-                    "the demo printed no banner within 30 s; stderr:\n{}",
+                    "{name} printed no banner within 30 s; stderr:\n{}",
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
