@@ -131,6 +131,30 @@ fn config_errors_name_file_line_field_and_the_fix() {
             "\"127.0.0.1:8080\"",
         ),
         ("[[policy]\nname = \"p\"\n".into(), ":1:", ""),
+        (
+            format!("[store]\nkind = \"sentinel\"\n{policy}"),
+            ":2:8: store.sentinels: kind = \"sentinel\" needs the sentinels' addresses",
+            "add sentinels = [\"10.0.0.5:26379\"",
+        ),
+        (
+            format!("[store]\nkind = \"sentinel\"\nsentinels = [\"10.0.0.5\"]\n{policy}"),
+            ":3:13: store.sentinels: each sentinel is host:port",
+            "\"10.0.0.5:26379\"",
+        ),
+        (
+            format!(
+                "[store]\nkind = \"sentinel\"\nsentinels = [\"10.0.0.5:26379\"]\nmaster = \" \"\n{policy}"
+            ),
+            ":4:10: store.master: the master name is empty",
+            "\"mymaster\" (the default)",
+        ),
+        (
+            format!(
+                "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nmaster = \"m\"\n{policy}"
+            ),
+            ":4:10: store.master: master is a setting of kind = \"sentinel\"",
+            "remove it or change the kind",
+        ),
     ];
     for (config, located, fix) in cases {
         let (code, stderr, path) = refuse(&config);
@@ -679,5 +703,42 @@ fn check_validates_the_file_and_exits() {
     assert!(
         stdout.contains("tollgate.toml: ok (store: memory, policies: default)"),
         "{stdout}"
+    );
+}
+
+/// `kind = "sentinel"`: two servers find the primary through three real sentinels and share
+/// one limit on it.
+#[cfg(feature = "redis")]
+#[test]
+fn a_sentinel_store_shares_one_limit_through_the_primary_the_sentinels_name() {
+    let setup = common::redis::SentinelSetup::start(500, 2_000);
+    let sentinels: Vec<String> = setup
+        .sentinel_addrs()
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    let config = format!(
+        "[store]\nkind = \"sentinel\"\nsentinels = [{}]\nmaster = \"{}\"\ndeny_cache = false\n\
+         {LOOPBACK_TRUSTED}[[policy]]\nname = \"shared\"\nquota = \"4/h\"\n",
+        sentinels.join(", "),
+        common::redis::SentinelSetup::MASTER,
+    );
+    let (a, b) = (
+        TollgateServer::start(&config),
+        TollgateServer::start(&config),
+    );
+    let statuses: Vec<u16> = (0..4)
+        .flat_map(|_| [a.addr, b.addr])
+        .map(|addr| get(addr, "/check", &[("X-Real-IP", "192.0.2.7")]).status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 429, 429, 429, 429],
+        "one limit across both servers"
+    );
+    assert_eq!(
+        setup.primary.cli(&["DBSIZE"]).trim(),
+        "1",
+        "the state is on the primary the sentinels name"
     );
 }

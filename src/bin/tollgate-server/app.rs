@@ -61,6 +61,14 @@ impl StoreHandle {
                 let builder = tollgate::RedisStore::cluster_builder(nodes);
                 redis_store(builder, options).await?
             }
+            StoreKind::Sentinel {
+                sentinels,
+                master,
+                options,
+            } => {
+                let builder = tollgate::RedisStore::sentinel_builder(sentinels, master);
+                redis_store(builder, options).await?
+            }
             #[cfg(not(feature = "redis-cluster"))]
             StoreKind::Cluster { .. } => {
                 return Err("store.kind: built without the redis-cluster feature".into());

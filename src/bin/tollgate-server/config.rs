@@ -88,8 +88,7 @@ pub(crate) struct StoreConfig {
     pub(crate) fail_mode: FailMode,
 }
 
-/// The store itself. A `Sentinel` kind (sentinel addresses and a master name) slots in beside
-/// `Redis` and `Cluster` once the library's Sentinel support lands: same `RedisOptions`.
+/// The store itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StoreKind {
     Memory {
@@ -103,6 +102,12 @@ pub(crate) enum StoreKind {
         nodes: Vec<String>,
         options: RedisOptions,
     },
+    /// The primary that a set of Redis Sentinels names for `master`, followed across failovers.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+        options: RedisOptions,
+    },
 }
 
 impl StoreKind {
@@ -111,6 +116,7 @@ impl StoreKind {
             Self::Memory { .. } => "memory",
             Self::Redis { .. } => "redis",
             Self::Cluster { .. } => "cluster",
+            Self::Sentinel { .. } => "sentinel",
         }
     }
 }
@@ -255,6 +261,8 @@ struct RawStore {
     max_keys: Option<Spanned<u64>>,
     url: Option<Spanned<String>>,
     nodes: Option<Spanned<Vec<String>>>,
+    sentinels: Option<Spanned<Vec<String>>>,
+    master: Option<Spanned<String>>,
     prefix: Option<Spanned<String>>,
     timeout_ms: Option<Spanned<u64>>,
     connect_timeout_ms: Option<Spanned<u64>>,
@@ -610,7 +618,11 @@ fn store(at: &Locator<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigFileErro
         "memory" => {
             for (field, span) in &redis_only {
                 if let Some(span) = span {
-                    return Err(only_for(span.clone(), field, "\"redis\" or \"cluster\""));
+                    return Err(only_for(
+                        span.clone(),
+                        field,
+                        "\"redis\", \"cluster\" or \"sentinel\"",
+                    ));
                 }
             }
             if let Some(url) = &raw.url {
@@ -619,6 +631,7 @@ fn store(at: &Locator<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigFileErro
             if let Some(nodes) = &raw.nodes {
                 return Err(only_for(nodes.span(), "nodes", "\"cluster\""));
             }
+            sentinel_only(raw, &only_for)?;
             let max_keys = count(
                 at,
                 raw.max_keys.as_ref(),
@@ -627,7 +640,7 @@ fn store(at: &Locator<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigFileErro
             )?;
             StoreKind::Memory { max_keys }
         }
-        "redis" | "cluster" => {
+        "redis" | "cluster" | "sentinel" => {
             if let Some(m) = &raw.max_keys {
                 return Err(only_for(m.span(), "max_keys", "\"memory\""));
             }
@@ -670,7 +683,42 @@ fn store(at: &Locator<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigFileErro
                 deny_cache: raw.deny_cache.as_ref().is_none_or(|d| *d.get_ref()),
                 breaker,
             };
-            if kind_name == "redis" {
+            if kind_name == "sentinel" {
+                if let Some(url) = &raw.url {
+                    return Err(only_for(url.span(), "url", "\"redis\""));
+                }
+                if let Some(nodes) = &raw.nodes {
+                    return Err(only_for(nodes.span(), "nodes", "\"cluster\""));
+                }
+                let Some(sentinels) = raw.sentinels.as_ref().filter(|n| !n.get_ref().is_empty())
+                else {
+                    return Err(at.at(
+                        raw.sentinels.as_ref().map_or(kind_span, Spanned::span),
+                        "store.sentinels",
+                        "kind = \"sentinel\" needs the sentinels' addresses: add sentinels = [\"10.0.0.5:26379\", \"10.0.0.6:26379\", \"10.0.0.7:26379\"]",
+                    ));
+                };
+                for sentinel in sentinels.get_ref() {
+                    check_sentinel_addr(at, sentinel, sentinels.span())?;
+                }
+                let master = match &raw.master {
+                    None => DEFAULT_SENTINEL_MASTER.to_owned(),
+                    Some(m) if m.get_ref().trim().is_empty() => {
+                        return Err(at.at(
+                            m.span(),
+                            "store.master",
+                            "the master name is empty; write the NAME of the sentinels' `sentinel monitor NAME host port quorum`, e.g. \"mymaster\" (the default)",
+                        ));
+                    }
+                    Some(m) => m.get_ref().trim().to_owned(),
+                };
+                StoreKind::Sentinel {
+                    sentinels: sentinels.get_ref().clone(),
+                    master,
+                    options,
+                }
+            } else if kind_name == "redis" {
+                sentinel_only(raw, &only_for)?;
                 if let Some(nodes) = &raw.nodes {
                     return Err(only_for(nodes.span(), "nodes", "\"cluster\""));
                 }
@@ -695,6 +743,7 @@ fn store(at: &Locator<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigFileErro
                          --features server,redis-cluster, or use kind = \"redis\"",
                     ));
                 }
+                sentinel_only(raw, &only_for)?;
                 if let Some(url) = &raw.url {
                     return Err(only_for(url.span(), "url", "\"redis\""));
                 }
@@ -720,12 +769,54 @@ fn store(at: &Locator<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigFileErro
                 "store.kind",
                 format!(
                     "{other:?} is not a store kind; write one of \"memory\" (the default: this \
-                     process only), \"redis\" (with url = ...), \"cluster\" (with nodes = [...])"
+                     process only), \"redis\" (with url = ...), \"cluster\" (with nodes = [...]), \
+                     \"sentinel\" (with sentinels = [...] and master = ...)"
                 ),
             ));
         }
     };
     Ok(StoreConfig { kind, fail_mode })
+}
+
+/// The master name a `sentinel` store looks for when the file names none.
+const DEFAULT_SENTINEL_MASTER: &str = "mymaster";
+
+/// `sentinels` and `master` belong to kind = "sentinel" only.
+fn sentinel_only(
+    raw: &RawStore,
+    only_for: &dyn Fn(Range<usize>, &str, &str) -> ConfigFileError,
+) -> Result<(), ConfigFileError> {
+    if let Some(sentinels) = &raw.sentinels {
+        return Err(only_for(sentinels.span(), "sentinels", "\"sentinel\""));
+    }
+    if let Some(master) = &raw.master {
+        return Err(only_for(master.span(), "master", "\"sentinel\""));
+    }
+    Ok(())
+}
+
+/// A sentinel's address: `host:port` (or a redis:// URL, as the library takes).
+fn check_sentinel_addr(
+    at: &Locator<'_>,
+    addr: &str,
+    span: Range<usize>,
+) -> Result<(), ConfigFileError> {
+    let addr = addr.trim();
+    if addr.starts_with("redis://") || addr.starts_with("rediss://") {
+        return check_redis_url(at, addr, span, "store.sentinels");
+    }
+    let port_ok = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if port_ok {
+        Ok(())
+    } else {
+        Err(at.at(
+            span,
+            "store.sentinels",
+            "each sentinel is host:port, e.g. \"10.0.0.5:26379\" (or a redis:// URL)",
+        ))
+    }
 }
 
 fn check_redis_url(
