@@ -566,7 +566,11 @@ impl<St, K, R> Builder<St, K, R> {
 
     /// Counts only failed requests: a response with a status below 400 gets its charge back
     /// (express-rate-limit's `skipSuccessfulRequests`; brute-force protection of a login, see
-    /// `examples/login_recipe.rs`). Same as [`refund_when`](Self::refund_when) with that rule.
+    /// `examples/login_recipe.rs`). A gRPC call (`content-type: application/grpc*`, always
+    /// HTTP 200) is judged by its `grpc-status` header instead: a call that ended with an error
+    /// status keeps its charge. A gRPC status sent in the trailers (after a response message)
+    /// cannot be seen before the response is handed on, so such a call counts as successful.
+    /// Same as [`refund_when`](Self::refund_when) with that rule.
     ///
     /// ```
     /// use tollgate::RateLimitLayer;
@@ -579,20 +583,28 @@ impl<St, K, R> Builder<St, K, R> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn skip_successful(self) -> Self {
-        self.refund_when(|status, _| status.as_u16() < 400)
+        self.refund_when(|status, headers| {
+            crate::settle::ended(status, headers) == crate::settle::Ended::Success
+        })
     }
 
-    /// Counts only successful requests: a response with a status of 400 or more (4xx, 5xx)
-    /// gets its charge back (express-rate-limit's `skipFailedRequests`). Same as
+    /// Counts only successful requests: a response with a status of 400 or more (4xx, 5xx),
+    /// or a gRPC call whose `grpc-status` header is not OK, gets its charge back
+    /// (express-rate-limit's `skipFailedRequests`). Same as
     /// [`refund_when`](Self::refund_when) with that rule.
     pub fn skip_failed(self) -> Self {
-        self.refund_when(|status, _| status.as_u16() >= 400)
+        self.refund_when(|status, headers| {
+            crate::settle::ended(status, headers) != crate::settle::Ended::Success
+        })
     }
 
-    /// Does not charge requests that failed on the server's side: a response with a 5xx status
+    /// Does not charge requests that failed on the server's side: a response with a 5xx status,
+    /// or a gRPC call ended UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE or DATA_LOSS,
     /// gets its charge back. Same as [`refund_when`](Self::refund_when) with that rule.
     pub fn skip_server_errors(self) -> Self {
-        self.refund_when(|status, _| status.is_server_error())
+        self.refund_when(|status, headers| {
+            crate::settle::ended(status, headers) == crate::settle::Ended::ServerError
+        })
     }
 
     /// Reserve and reconcile: the cost charged at admission ([`cost`](Self::cost)) is an

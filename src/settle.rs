@@ -73,6 +73,45 @@ use crate::key::Key;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ActualCost(pub u32);
 
+/// How a response ended, as the refund presets judge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    Success,
+    /// The client's side: a 4xx, or a gRPC status that is not a server error.
+    ClientError,
+    /// The server's side: a 5xx, or gRPC UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE or
+    /// DATA_LOSS.
+    ServerError,
+}
+
+/// How the response with `status` and `headers` ended. A gRPC response (`content-type:
+/// application/grpc*`) is HTTP 200 however the call ended, so it is judged by its
+/// `grpc-status` header, which a call that ends without a message (trailers-only: an error
+/// status from tonic, or tollgate's own gRPC answers) carries there. A gRPC response without
+/// one sends its status in the trailers, after the response is handed on: it counts as a
+/// success, which is all that can be known then.
+pub(crate) fn ended(status: StatusCode, headers: &HeaderMap) -> Ended {
+    let grpc = headers.get(http::header::CONTENT_TYPE).is_some_and(|ct| {
+        ct.as_bytes()
+            .get(..16)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+    });
+    if grpc && status == StatusCode::OK {
+        return match headers.get("grpc-status").map(|v| v.as_bytes()) {
+            None | Some(b"0") => Ended::Success,
+            Some(b"2" | b"4" | b"13" | b"14" | b"15") => Ended::ServerError,
+            Some(_) => Ended::ClientError,
+        };
+    }
+    if status.is_server_error() {
+        Ended::ServerError
+    } else if status.as_u16() >= 400 {
+        Ended::ClientError
+    } else {
+        Ended::Success
+    }
+}
+
 /// Whether a response's charge is given back, from its status and headers.
 pub(crate) type RefundFn = dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync;
 
@@ -110,4 +149,59 @@ pub(crate) fn delta(
         return None;
     }
     (delta != 0).then_some(delta)
+}
+
+#[cfg(test)]
+mod ended_tests {
+    use super::{Ended, ended};
+    use http::{HeaderMap, HeaderValue, StatusCode};
+
+    fn grpc(status: Option<&'static str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        if let Some(s) = status {
+            h.insert("grpc-status", HeaderValue::from_static(s));
+        }
+        h
+    }
+
+    #[test]
+    fn http_statuses() {
+        let h = HeaderMap::new();
+        assert_eq!(ended(StatusCode::OK, &h), Ended::Success);
+        assert_eq!(ended(StatusCode::FOUND, &h), Ended::Success);
+        assert_eq!(ended(StatusCode::UNAUTHORIZED, &h), Ended::ClientError);
+        assert_eq!(ended(StatusCode::TOO_MANY_REQUESTS, &h), Ended::ClientError);
+        assert_eq!(
+            ended(StatusCode::SERVICE_UNAVAILABLE, &h),
+            Ended::ServerError
+        );
+    }
+
+    #[test]
+    fn grpc_calls_are_judged_by_grpc_status() {
+        let ok = StatusCode::OK;
+        assert_eq!(ended(ok, &grpc(None)), Ended::Success, "status in trailers");
+        assert_eq!(ended(ok, &grpc(Some("0"))), Ended::Success);
+        // UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, INVALID_ARGUMENT.
+        for code in ["16", "7", "8", "3"] {
+            assert_eq!(ended(ok, &grpc(Some(code))), Ended::ClientError, "{code}");
+        }
+        // UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+        for code in ["2", "4", "13", "14", "15"] {
+            assert_eq!(ended(ok, &grpc(Some(code))), Ended::ServerError, "{code}");
+        }
+        // Not gRPC: the same header means nothing.
+        let mut plain = HeaderMap::new();
+        plain.insert("grpc-status", HeaderValue::from_static("16"));
+        assert_eq!(ended(ok, &plain), Ended::Success);
+        // A gRPC content type on an HTTP error is judged by the HTTP status.
+        assert_eq!(
+            ended(StatusCode::BAD_GATEWAY, &grpc(None)),
+            Ended::ServerError
+        );
+    }
 }

@@ -546,3 +546,40 @@ fn the_example_rejects_a_bad_key_flag_with_what_to_write() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("write ip or metadata:NAME"), "{stderr}");
 }
+
+/// `skip_successful` on a gRPC service: only failed calls count. tonic answers an error status
+/// trailers-only (HTTP 200, `grpc-status` in the headers), and that is what the preset reads:
+/// successful checks are refunded, checks of an unknown service (NOT_FOUND) keep their
+/// charge, and once two of those are counted every call is RESOURCE_EXHAUSTED.
+#[tokio::test]
+async fn skip_successful_counts_only_failed_grpc_calls() {
+    let layer = RateLimitLayer::builder("2/m".parse().unwrap())
+        .policy("grpc-failures")
+        .key(Header::new("x-api-key").unwrap())
+        .skip_successful()
+        .build()
+        .unwrap();
+    let (addr, _reporter) = serve_grpc(layer).await;
+    let mut c = client(addr).await;
+    for _ in 0..5 {
+        let ok = c.check(check(Some("caller"))).await;
+        assert!(ok.is_ok(), "successful calls are refunded: {ok:?}");
+    }
+    let unknown = || {
+        let mut req = Request::new(HealthCheckRequest {
+            service: "no.such.Service".to_owned(),
+        });
+        req.metadata_mut()
+            .insert("x-api-key", "caller".parse().unwrap());
+        req
+    };
+    for _ in 0..2 {
+        let failed = c.check(unknown()).await.unwrap_err();
+        assert_eq!(failed.code(), Code::NotFound, "{failed:?}");
+    }
+    let limited = c.check(check(Some("caller"))).await.unwrap_err();
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    // A denial is never refunded, so the limit stays in force.
+    let again = c.check(check(Some("caller"))).await.unwrap_err();
+    assert_eq!(again.code(), Code::ResourceExhausted, "{again:?}");
+}

@@ -21,6 +21,7 @@ const GRANTS: &[&str] = &[
     "+script|load",
     "+time",
     "+get",
+    "+mget",
     "+set",
     "+del",
     "+ping",
@@ -243,5 +244,48 @@ async fn a_replica_answers_readonly_by_code() {
             .await
             .unwrap()
             .is_allowed()
+    );
+}
+
+/// The grants above are all the store needs, under concurrency too: decisions that arrive
+/// together go as one batch script call (`MGET` in the script), and a refund runs the
+/// adjustment script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_with_the_documented_grants_batches_and_refunds() {
+    let server = RedisServer::start();
+    acl_user(&server, "limiter", GRANTS);
+    let store = RedisStore::builder(&url(&server, "limiter", 0))
+        .require_connection(true)
+        .command_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .expect("the ACL user may run the store");
+    let p = Policy::new("acl-batch", "100/h".parse::<Quota>().unwrap()).unwrap();
+    let mut checks = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let check = store.check(&p, &Key::from(format!("tenant-{}", i % 8)), 1);
+        checks.spawn(check);
+    }
+    let mut allowed = 0;
+    while let Some(result) = checks.join_next().await {
+        let decision = result
+            .unwrap()
+            .expect("every batched decision is allowed by the grants");
+        allowed += usize::from(decision.is_allowed());
+    }
+    assert_eq!(allowed, 64);
+    let calls = server.cli(&["INFO", "commandstats"]);
+    assert!(
+        calls.contains("cmdstat_evalsha"),
+        "the decisions ran as scripts: {calls}"
+    );
+    let adjust = store
+        .adjust(&p, &Key::from("tenant-0"), -1)
+        .expect("RedisStore adjusts");
+    let after = adjust.await.expect("the grants allow a refund");
+    assert_eq!(
+        after.remaining(),
+        93,
+        "tenant-0 had 8 charges, one given back"
     );
 }

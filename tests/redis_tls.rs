@@ -147,6 +147,7 @@ async fn an_acl_user_on_a_database_over_tls_from_a_client() {
         "+script|load",
         "+time",
         "+get",
+        "+mget",
         "+set",
         "+del",
         "+ping",

@@ -17,6 +17,12 @@ use crate::store::Policy;
 /// The adjustment script, one source of truth with `lua/adjust.lua`.
 const ADJUST_LUA: &str = include_str!("../../../lua/adjust.lua");
 
+/// The `SCRIPT LOAD` command of the adjustment script, for the store's warm-up and
+/// `load_script`: a refund right after a start or a failover then finds it loaded.
+pub(super) fn load_cmd() -> &'static Cmd {
+    &script().1
+}
+
 /// The script (for its SHA-1) and its `SCRIPT LOAD` command, built once per process.
 fn script() -> &'static (redis::Script, Cmd) {
     static SCRIPT: OnceLock<(redis::Script, Cmd)> = OnceLock::new();

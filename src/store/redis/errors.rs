@@ -169,7 +169,7 @@ pub(super) fn store_error(e: RedisError) -> StoreError {
         (_, Some("NOSCRIPT")) => "Redis lost the rate-limit script again right after loading it",
         (_, Some("NOPERM")) => {
             "the Redis user may not run the rate-limit script: it needs +evalsha +script|load \
-             +time +get +set +del +ping on the store's keys (~<prefix>:*)"
+             +time +get +mget +set +del +ping on the store's keys (~<prefix>:*)"
         }
         _ => "Redis refused the rate-limit script",
     };

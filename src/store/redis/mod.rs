@@ -738,6 +738,8 @@ impl Inner {
         if let Some(batcher) = &self.batcher {
             self.run(batcher.load_cmd()).await?;
         }
+        // Cheap, and spares the first refund the NOSCRIPT round trips inside its timeout.
+        self.run(adjust::load_cmd()).await?;
         Ok(())
     }
 
