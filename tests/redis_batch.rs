@@ -1,5 +1,5 @@
 //! RedisStore's group commit against real redis-server processes (one per test, on a free
-//! loopback port): decisions that arrive while one is in flight go together in one script call,
+//! loopback port): decisions that arrive while two are in flight go together in one script call,
 //! and each request gets exactly the decision one call of its own would have given it, whatever
 //! its identity, policy, cost or position in the batch.
 #![cfg(feature = "redis")]
@@ -230,29 +230,55 @@ async fn each_request_gets_its_own_decision_exactly_as_one_call_each() {
     }
 }
 
-/// 300 requests for one client in one batch, capacity 50: the first 50 in request order are
-/// admitted with remaining 49, 48, .., 0, and the other 250 denied: one after the other, as
-/// separate calls would be.
+/// 300 requests for one client at once, capacity 50: the first two go alone (the store keeps two
+/// calls in flight), the other 298 wait and go in one batch, where they are decided one after
+/// the other in request order, as separate calls would be: the batch's admitted requests are
+/// its first ones, with remaining counting down by one. Exactly 50 are admitted in all (the
+/// remaining values 49, 48, .., 0 once each) and the other 250 denied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeats_of_one_key_in_a_batch_are_decided_one_after_the_other() {
     let server = RedisServer::start();
-    let s = store(&server, "dup", 512).await;
+    // Room for all 298 in one batch, also with two quotas' keys.
+    let s = RedisStore::builder(&server.url())
+        .prefix("dup")
+        .command_timeout(Duration::from_secs(5))
+        .max_batch(512)
+        .max_batch_bytes(1 << 20)
+        .build()
+        .await
+        .expect("store builds");
     for (name, quotas) in [("one", &["50/h"][..]), ("two", &["50/h", "60/d"][..])] {
         let p = policy(name, quotas);
         let key = Key::from("]]..redis.call('DEL', KEYS[1])..[[\r\n{x}");
         let requests: Vec<_> = (0..300).map(|_| (p.clone(), key.clone(), 1)).collect();
         assert_eq!(server.cli(&["CONFIG", "RESETSTAT"]).trim(), "OK");
         let got = all_at_once(&s, &requests).await;
-        assert!(calls(&server, "evalsha") <= 3, "{name}: not batched");
-        for (i, d) in got.iter().enumerate() {
-            let d = d.as_ref().unwrap();
-            if i < 50 {
-                assert!(d.is_allowed(), "{name}: request {i} denied");
-                assert_eq!(d.remaining(), 49 - i as u32, "{name}: request {i}");
-            } else {
-                assert_eq!(d.outcome(), Outcome::Denied, "{name}: request {i}");
-                assert_eq!(d.remaining(), 0);
-            }
+        assert_eq!(
+            calls(&server, "evalsha"),
+            3,
+            "{name}: two lone calls and one batch"
+        );
+        let got: Vec<Decision> = got.into_iter().map(Result::unwrap).collect();
+        let mut admitted: Vec<u32> = got
+            .iter()
+            .filter(|d| d.is_allowed())
+            .map(Decision::remaining)
+            .collect();
+        admitted.sort_unstable();
+        assert_eq!(admitted, (0..50).collect::<Vec<u32>>(), "{name}");
+        for d in got.iter().filter(|d| !d.is_allowed()) {
+            assert_eq!(d.outcome(), Outcome::Denied, "{name}");
+            assert_eq!(d.remaining(), 0);
+        }
+        // The batch (requests 2..): its admitted requests come first, counting down.
+        let batch = &got[2..];
+        let first_denied = batch.iter().position(|d| !d.is_allowed()).unwrap();
+        assert!(
+            batch[first_denied..].iter().all(|d| !d.is_allowed()),
+            "{name}: an admission after a denial in one batch"
+        );
+        for pair in batch[..first_denied].windows(2) {
+            assert_eq!(pair[1].remaining() + 1, pair[0].remaining(), "{name}");
         }
         // Nothing more was charged than the 50 admitted.
         let after = s.inspect(&p, &key).await.unwrap();

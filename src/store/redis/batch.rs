@@ -1,12 +1,17 @@
-//! Group commit: decisions that arrive while one is in flight to the same Redis server wait for
-//! the next script call and go together, one `EVALSHA` of `lua/gcra_batch.lua` deciding each of
-//! them on one `TIME`.
+//! Group commit: decisions that arrive while script calls are in flight to the same Redis
+//! server wait for the next call and go together, one `EVALSHA` of `lua/gcra_batch.lua`
+//! deciding each of them on one `TIME`.
 //!
-//! One slot per store. A decision that finds the slot free takes it and goes at once, as one
-//! call of `lua/gcra.lua` (today's path, today's latency). One that finds it taken joins the
-//! queue. Whoever frees the slot (the lone decision when it completes, or the batch it sent)
-//! hands it to a task that sends the queue's oldest decisions, up to the size and byte bounds,
-//! as one batch, and keeps doing so until the queue is empty; then the slot is free again.
+//! Two slots per store (`SLOTS`). A decision that finds a slot free (and nobody queued) takes
+//! it and goes at once, as one call of `lua/gcra.lua` (today's path, today's latency). One that
+//! finds both taken joins the queue. Whoever frees a slot (a lone decision when it completes, or
+//! a batch) hands it to a task that sends the queue's oldest decisions, up to the size and byte
+//! bounds, as one batch, and keeps doing so until the queue is empty; then the slot is free
+//! again. With two slots a batch is being filled while the other call is on the wire, so Redis
+//! is not left idle between batches: with one slot, one client at 16 in flight decided
+//! 0.79-0.94x as fast as 16 separate pipelined calls; with two, 0.99-1.20x (README).
+//! Both calls go on one multiplexed connection, which Redis answers in order; each batch is
+//! atomic as one script, so two batches never interleave their decisions.
 //!
 //! A queued decision takes its place in the queue when `check` is called (so a batch keeps the
 //! order of the `check` calls) and keeps its own command timeout, counted from the first poll
@@ -41,9 +46,9 @@ pub const DEFAULT_MAX_BATCH_BYTES: usize = 64 * 1024;
 /// + cost, stays an exact Lua number).
 pub(super) const MAX_BATCH: usize = 4096;
 
-/// How many script calls one store keeps in flight to its server at most (the lone decision or
-/// batch that holds the slot).
-const SLOTS: usize = 1;
+/// How many script calls one store keeps in flight to its server at most (lone decisions or
+/// batches, each holding a slot).
+const SLOTS: usize = 2;
 
 /// The queue of one store and its bounds.
 pub(super) struct Batcher {

@@ -533,11 +533,11 @@ impl RedisStoreBuilder {
     }
 
     /// The most decisions one script call carries: 1 to 4096 (default [`DEFAULT_MAX_BATCH`],
-    /// 128; 1 turns group commit off). While a decision is in flight to Redis, the ones that arrive
-    /// meanwhile wait and go together in the next call, up to this many (and
+    /// 128; 1 turns group commit off). While two calls are in flight to Redis, the decisions
+    /// that arrive meanwhile wait and go together in the next call, up to this many (and
     /// [`max_batch_bytes`](Self::max_batch_bytes)); the rest wait for the call after. No
-    /// decision waits when nothing is in flight. Ignored on Redis Cluster, which decides one
-    /// call per decision (see the module docs).
+    /// decision waits while fewer than two calls are in flight. Ignored on Redis Cluster, which
+    /// decides one call per decision (see the module docs).
     pub fn max_batch(mut self, decisions: usize) -> Self {
         self.max_batch = decisions;
         self
