@@ -162,13 +162,20 @@ impl Decision {
     /// Time until one more request of cost 1 becomes available (zero when at full capacity).
     /// This is the `t` parameter of the IETF `RateLimit` field.
     pub fn next_available(&self) -> Duration {
+        Duration::from_micros(self.remaining_and_next_micros().1)
+    }
+
+    /// [`remaining`](Self::remaining) and [`next_available`](Self::next_available) in
+    /// microseconds, worked out together (the `RateLimit` field needs both).
+    #[inline]
+    pub(crate) fn remaining_and_next_micros(&self) -> (u32, u64) {
+        let remaining = self.remaining();
         let b = u64::from(self.capacity());
-        let remaining = u64::from(self.remaining());
-        if remaining >= b {
-            return Duration::ZERO;
+        if u64::from(remaining) >= b {
+            return (remaining, 0);
         }
-        let later = (b - remaining - 1).saturating_mul(self.quota.interval_micros());
-        Duration::from_micros(self.used.saturating_sub(later))
+        let later = (b - u64::from(remaining) - 1).saturating_mul(self.quota.interval_micros());
+        (remaining, self.used.saturating_sub(later))
     }
 
     /// How far this admitted request is beyond the first `n` requests of a burst, in time:

@@ -162,11 +162,7 @@ pub fn is_grpc(parts: &Parts) -> bool {
 }
 
 fn is_grpc_headers(headers: &HeaderMap) -> bool {
-    const GRPC: &[u8] = b"application/grpc";
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|ct| ct.as_bytes().get(..GRPC.len()))
-        .is_some_and(|head| head.eq_ignore_ascii_case(GRPC))
+    crate::headers::is_grpc_content(headers)
 }
 
 /// The status a denied gRPC call gets: `RESOURCE_EXHAUSTED`, with `google.rpc.RetryInfo` (the

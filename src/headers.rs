@@ -96,6 +96,23 @@ pub enum ResetStyle {
     Epoch,
 }
 
+/// Whether `headers` name a gRPC message: a `content-type` that starts with
+/// `application/grpc`, compared without regard to case.
+#[inline]
+pub(crate) fn is_grpc_content(headers: &HeaderMap) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    let Some(ct) = headers.get(http::header::CONTENT_TYPE) else {
+        return false;
+    };
+    let bytes = ct.as_bytes();
+    // Other content types almost always differ in the first byte: settle those without the
+    // byte-by-byte comparison (on every response of a layer with a refund rule).
+    matches!(bytes.first(), Some(b'a' | b'A'))
+        && bytes
+            .get(..GRPC.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(GRPC))
+}
+
 /// Seconds, rounded up, clamped to 15 digits.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
     let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
@@ -218,12 +235,17 @@ pub(crate) fn apply(
 
 /// This layer's `RateLimit` value: the prebuilt one when the decision matches it, else built.
 fn member_value(fields: &PolicyFields, decision: &Decision) -> Option<HeaderValue> {
-    match prebuilt_member(fields, decision) {
-        Some(v) => Some(v.clone()),
-        None => {
-            HeaderValue::from_maybe_shared(Bytes::from(ratelimit_member(fields, decision))).ok()
+    if let ([prefix], [d]) = (fields.member_prefixes.as_slice(), decision.per_quota()) {
+        // One quota, the usual case: its numbers are worked out once, for both uses.
+        let numbers = member_numbers(d);
+        if let Some((fresh, value)) = &fields.fresh_member
+            && *fresh == numbers
+        {
+            return Some(value.clone());
         }
+        return HeaderValue::from_maybe_shared(Bytes::from(single_member(prefix, numbers))).ok();
     }
+    HeaderValue::from_maybe_shared(Bytes::from(ratelimit_member(fields, decision))).ok()
 }
 
 /// The prebuilt member, when `decision` is exactly the one it was built for.
@@ -237,14 +259,21 @@ fn prebuilt_member<'a>(fields: &'a PolicyFields, decision: &Decision) -> Option<
 /// A quota's `r` (remaining, clamped to 15 digits) and `t` (seconds until one more unit,
 /// rounded up).
 fn member_numbers(d: &Decision) -> (u64, u64) {
-    let r = u64::from(d.remaining()).min(SF_INTEGER_MAX);
-    (r, ceil_secs(d.next_available()))
+    let (remaining, next_micros) = d.remaining_and_next_micros();
+    let t = next_micros.div_ceil(1_000_000).min(SF_INTEGER_MAX);
+    (u64::from(remaining).min(SF_INTEGER_MAX), t)
 }
 
-/// `prefix` + `r;t=t` in exactly as many bytes as they take.
-fn single_member(prefix: &[u8], numbers: (u64, u64)) -> Vec<u8> {
-    let mut member = Vec::with_capacity(member_len(prefix, numbers));
-    write_member(&mut member, prefix, numbers);
+/// `prefix` + `r;t=t` in exactly as many bytes as they take: the digits are written once, on
+/// the stack, and then copied after the prefix.
+fn single_member(prefix: &[u8], (r, t): (u64, u64)) -> Vec<u8> {
+    let (mut r_digits, mut t_digits) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (r, t) = (r_digits.format(r).as_bytes(), t_digits.format(t).as_bytes());
+    let mut member = Vec::with_capacity(prefix.len() + r.len() + b";t=".len() + t.len());
+    member.extend_from_slice(prefix);
+    member.extend_from_slice(r);
+    member.extend_from_slice(b";t=");
+    member.extend_from_slice(t);
     member
 }
 

@@ -264,13 +264,14 @@ impl From<u64> for Key {
     }
 }
 
-/// `prefix` + dotted IPv4, formatted digit by digit: no `core::fmt`, no allocation.
+/// `prefix` + dotted IPv4, octet by octet from a table: no `core::fmt`, no allocation.
 fn ipv4_key(prefix: &[u8], ip: std::net::Ipv4Addr) -> Key {
-    // Written straight into the inline key when it fits (always, for the built-in prefixes).
+    // Written straight into the inline key when it fits (always, for the built-in prefixes),
+    // with room for the last octet's three-byte store.
     let mut bytes = [0u8; INLINE];
     let Some(start) = bytes
         .get_mut(..prefix.len())
-        .filter(|_| prefix.len() + 15 <= INLINE)
+        .filter(|_| prefix.len() + 15 + 2 <= INLINE)
     else {
         let mut text = TextBuf::<15>::new();
         write_ipv4(ip, |b| text.push(b));
@@ -278,18 +279,45 @@ fn ipv4_key(prefix: &[u8], ip: std::net::Ipv4Addr) -> Key {
     };
     start.copy_from_slice(prefix);
     let mut len = prefix.len();
-    write_ipv4(ip, |b| {
-        if let Some(slot) = bytes.get_mut(len) {
-            *slot = b;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0
+            && let Some(dot) = bytes.get_mut(len)
+        {
+            *dot = b'.';
             len += 1;
         }
-    });
+        let (digits, n) = OCTET_TEXT[usize::from(octet)];
+        // Three bytes stored, `n` kept: the table pads with zeros, and the next dot overwrites
+        // the first of them, so the key's padding stays zero.
+        if let Some(slot) = bytes.get_mut(len..len + 3) {
+            slot.copy_from_slice(&digits);
+            len += usize::from(n);
+        }
+    }
     // len <= INLINE < 256.
     Key(Repr::Inline {
         len: len as u8,
         bytes,
     })
 }
+
+/// Each octet's decimal text, left-aligned in three bytes, and its length.
+const OCTET_TEXT: [([u8; 3], u8); 256] = {
+    let mut table = [([0u8; 3], 0u8); 256];
+    let mut i = 0;
+    while i < 256 {
+        let n = i as u8;
+        table[i] = if n >= 100 {
+            ([b'0' + n / 100, b'0' + n / 10 % 10, b'0' + n % 10], 3)
+        } else if n >= 10 {
+            ([b'0' + n / 10, b'0' + n % 10, 0], 2)
+        } else {
+            ([b'0' + n, 0, 0], 1)
+        };
+        i += 1;
+    }
+    table
+};
 
 /// The dotted-decimal text of `ip`, byte by byte (at most 15).
 #[inline]
@@ -1206,6 +1234,17 @@ mod tests {
                 ipv4_key(long.as_bytes(), v4),
                 Key::from(format!("{long}{v4}"))
             );
+        }
+        // Prefixes around the longest one written inline, with the longest and shortest texts.
+        for len in 18..=25 {
+            let prefix = "p".repeat(len);
+            for v4 in [
+                std::net::Ipv4Addr::BROADCAST,
+                std::net::Ipv4Addr::UNSPECIFIED,
+            ] {
+                let key = ipv4_key(prefix.as_bytes(), v4);
+                assert_eq!(key.as_bytes(), format!("{prefix}{v4}").as_bytes());
+            }
         }
         for v6 in [
             Ipv6Addr::UNSPECIFIED,

@@ -91,12 +91,7 @@ pub(crate) enum Ended {
 /// one sends its status in the trailers, after the response is handed on: it counts as a
 /// success, which is all that can be known then.
 pub(crate) fn ended(status: StatusCode, headers: &HeaderMap) -> Ended {
-    let grpc = headers.get(http::header::CONTENT_TYPE).is_some_and(|ct| {
-        ct.as_bytes()
-            .get(..16)
-            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
-    });
-    if grpc && status == StatusCode::OK {
+    if status == StatusCode::OK && crate::headers::is_grpc_content(headers) {
         return match headers.get("grpc-status").map(|v| v.as_bytes()) {
             None | Some(b"0") => Ended::Success,
             Some(b"2" | b"4" | b"13" | b"14" | b"15") => Ended::ServerError,
