@@ -107,7 +107,7 @@ struct Args {
     #[arg(long = "headers", value_name = "STYLE", default_value = "ietf")]
     headers: HeaderStyle,
     /// Enables /admin/*, which then needs "Authorization: Bearer TOKEN".
-    #[arg(long = "admin-token", value_name = "TOKEN")]
+    #[arg(long = "admin-token", value_name = "TOKEN", value_parser = parse_admin_token)]
     admin_token: Option<String>,
     /// Local deny cache in front of the shared store (Redis only).
     #[arg(
@@ -151,6 +151,24 @@ struct Args {
     /// capacity).
     #[arg(long = "token-estimate", value_name = "N", default_value_t = 100)]
     token_estimate: u32,
+}
+
+/// An admin token a client can send in `Authorization: Bearer TOKEN`: not empty, no spaces or
+/// control characters.
+fn parse_admin_token(token: &str) -> Result<String, String> {
+    if token.is_empty() {
+        return Err(
+            "the token is empty; write one a client can send, e.g. --admin-token s3cret".into(),
+        );
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "the token has spaces, control or non-ASCII characters, which an Authorization \
+             header cannot carry; use printable ASCII only"
+                .into(),
+        );
+    }
+    Ok(token.to_owned())
 }
 
 fn parse_tier_of(item: &str) -> Result<(String, String), String> {
@@ -505,9 +523,17 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     let Some(token) = &state.admin_token else {
         return false;
     };
+    // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
     headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .and_then(|v| {
+            let v = v.as_bytes();
+            let scheme = v.get(..b"Bearer ".len())?;
+            scheme
+                .eq_ignore_ascii_case(b"Bearer ")
+                .then(|| v.get(b"Bearer ".len()..))
+                .flatten()
+        })
         .is_some_and(|given| bool::from(given.ct_eq(token.as_bytes())))
 }
 
@@ -848,12 +874,13 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Logs `tollgate::*` events to stderr when `RUST_LOG` is set (e.g. `RUST_LOG=info`).
+/// Logs events to stderr: warnings and errors by default (a store that cannot be reached, a
+/// request let through because the store failed, at most one a second), or what `RUST_LOG`
+/// asks for (e.g. `RUST_LOG=info` for every denial as well).
 fn tracing_subscriber_init() {
-    if let Ok(filter) = std::env::var("RUST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

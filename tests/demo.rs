@@ -131,6 +131,26 @@ fn admin_reset_of_an_api_key_admits_that_client_again() {
     assert_eq!(res.status(), 404);
 }
 
+/// The `Bearer` scheme is matched without regard to case (RFC 9110 §11.1); the token exactly.
+#[test]
+fn admin_auth_scheme_is_case_insensitive_and_the_token_exact() {
+    let demo = Demo::start(&["--admin-token", "s3cret"]);
+    let c = reqwest::blocking::Client::new();
+    let stats = |auth: &str| {
+        c.get(demo.url("/admin/stats"))
+            .header("authorization", auth)
+            .send()
+            .unwrap()
+            .status()
+    };
+    for good in ["Bearer s3cret", "bearer s3cret", "BEARER s3cret"] {
+        assert_eq!(stats(good), 200, "{good}");
+    }
+    for bad in ["Bearer S3CRET", "Bearer s3cre", "Bearer", "Basic s3cret", "s3cret"] {
+        assert_eq!(stats(bad), 401, "{bad}");
+    }
+}
+
 #[test]
 fn admin_routes_are_404_without_a_token() {
     let demo = Demo::start(&["--key", "ip", "--headers", "legacy"]);
@@ -149,6 +169,9 @@ fn bad_flags_exit_2_with_a_message() {
         &["--trusted-proxy", "10.0.0.0/99"],
         &["--no-such-flag"],
         &["--rate"],
+        // An admin token no client could send.
+        &["--admin-token", ""],
+        &["--admin-token", "two words"],
     ] {
         let out = std::process::Command::new(demo_binary())
             .args(args)

@@ -184,3 +184,36 @@ fn redis_outage_follows_the_fail_mode() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A demo whose Redis cannot be reached says so on stderr without being asked (no `RUST_LOG`):
+/// at startup, and when it lets a request through under the default fail mode (open), with
+/// the client's key as a fingerprint only.
+#[test]
+fn an_unreachable_redis_is_reported_on_stderr_by_default() {
+    // A port nothing listens on (the throwaway server is stopped first).
+    let url = {
+        let redis = RedisServer::start();
+        redis.url()
+    };
+    let demo = Demo::start(&["--redis-url", url.as_str(), "--store-timeout-ms", "200"]);
+    let res = client()
+        .get(demo.url("/api/hello"))
+        .header("x-api-key", "key-that-must-not-leak")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200, "fail mode open lets the request through");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stderr = loop {
+        let text = demo.stderr_text();
+        if (text.contains("not reachable at startup") && text.contains("fp:"))
+            || Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(stderr.contains("not reachable at startup"), "{stderr}");
+    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(stderr.contains("fp:"), "the failed request's warning: {stderr}");
+    assert!(!stderr.contains("key-that-must-not-leak"), "{stderr}");
+}

@@ -33,6 +33,9 @@ pub fn example_binary(name: &str) -> PathBuf {
 /// A running demo server; killed on drop.
 pub struct Demo {
     pub child: Child,
+    /// Everything the child wrote to stderr so far (drained by a thread, so that the child
+    /// never blocks on a full pipe).
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     pub addr: SocketAddr,
     pub banner: String,
 }
@@ -54,6 +57,19 @@ impl Demo {
             .spawn()
             .expect("start the demo");
         let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut pipe = child.stderr.take().expect("piped stderr");
+        let sink = std::sync::Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
@@ -67,10 +83,11 @@ impl Demo {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                let out = child.wait_with_output().expect("demo output");
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
                 panic!(
                     "{name} printed no banner within 30 s; stderr:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
+                    String::from_utf8_lossy(&stderr.lock().unwrap())
                 );
             }
         };
@@ -82,9 +99,16 @@ impl Demo {
             .unwrap_or_else(|| panic!("no address in the banner {banner:?}"));
         Self {
             child,
+            stderr,
             addr,
             banner,
         }
+    }
+
+    /// What the child has written to stderr so far.
+    #[allow(dead_code)] // not every test binary that includes this module reads it
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 
     pub fn url(&self, path: &str) -> String {
