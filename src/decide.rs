@@ -300,7 +300,7 @@ impl<St, K, R> Shared<St, K, R> {
             self.mark_degraded(response.headers_mut(), "fallback");
         }
         if self.response_decisions {
-            crate::decision::Decisions::push_outer(response.extensions_mut(), decision);
+            crate::decision::Decisions::push_rejection(response.extensions_mut(), decision);
         }
         response
     }
@@ -383,32 +383,44 @@ impl<St, K, R> Shared<St, K, R> {
         }
     }
 
-    /// The charge of an admitted request, to settle once its response is known: `None`
-    /// unless the layer settles charges, and for requests that charged nothing (fail-open,
-    /// dry-run denials, a cost of 0 without reconciliation).
+    /// The charge of an admitted request, held until its response is known: settled then by a
+    /// layer with a refund rule or reconciliation, and given back when an inner layer rejected
+    /// the request. `None` for requests that charged nothing (fail-open, dry-run denials, a
+    /// cost of 0 without reconciliation).
     #[inline]
     pub(crate) fn charge(
         &self,
         decision: &Decision,
         fields: bool,
-        key: &Key,
+        key: Key,
         cost: u32,
         tier: usize,
-    ) -> Option<Box<Charge>> {
-        if !self.settles {
-            return None;
-        }
+    ) -> Option<Charge> {
         if !fields || !decision.is_allowed() || (cost == 0 && !self.reconcile) {
             return None;
         }
-        Some(Box::new(Charge {
-            key: key.clone(),
+        Some(Charge {
+            key,
             tier,
             cost,
             fallback: decision.is_degraded(),
             at: Instant::now(),
             reset_after: decision.reset_after(),
-        }))
+        })
+    }
+
+    /// What `response` asks of `charge`: all of it back when an inner layer rejected the
+    /// request (it never reached the service), else what this layer's refund rule or
+    /// reconciliation says.
+    #[inline]
+    pub(crate) fn settlement_of<B>(&self, charge: &Charge, response: &Response<B>) -> Option<i64> {
+        if crate::decision::Decisions::rejected_in(response.extensions()) {
+            return crate::settle::give_back(charge);
+        }
+        if !self.settles {
+            return None;
+        }
+        self.settlement(charge, response)
     }
 
     /// What `response` asks of `charge`: the signed units to adjust it by, if any.
@@ -428,7 +440,7 @@ impl<St, K, R> Shared<St, K, R> {
     /// task of its own on a Tokio runtime). Yields the state after it, when the store gave one.
     pub(crate) fn settle(
         self: &Arc<Self>,
-        charge: Box<Charge>,
+        charge: Charge,
         delta: i64,
         cx: &mut Context<'_>,
     ) -> Settled

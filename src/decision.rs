@@ -230,6 +230,8 @@ pub struct Decisions {
     /// Inline for the usual one or two layers: recording a decision allocates nothing beyond
     /// the extension itself.
     list: SmallVec<[Decision; 2]>,
+    /// On a response: a layer answered the request itself with its rejection.
+    rejected: bool,
 }
 
 impl Decisions {
@@ -272,7 +274,10 @@ impl Decisions {
                 let mut list = SmallVec::new();
                 list.push(outer);
                 list.push(inner);
-                extensions.insert(Self { list });
+                extensions.insert(Self {
+                    list,
+                    rejected: false,
+                });
             }
             (_, None) => {}
         }
@@ -281,14 +286,41 @@ impl Decisions {
     /// Adds the decision of a layer that ran before (outside) those already listed: on the
     /// way back out, inner layers have recorded theirs first.
     pub(crate) fn push_outer(extensions: &mut http::Extensions, decision: Decision) {
+        Self::push(extensions, decision, false);
+    }
+
+    /// [`push_outer`](Self::push_outer) for the layer whose rejection the response is.
+    pub(crate) fn push_rejection(extensions: &mut http::Extensions, decision: Decision) {
+        Self::push(extensions, decision, true);
+    }
+
+    fn push(extensions: &mut http::Extensions, decision: Decision, rejected: bool) {
         match extensions.get_mut::<Self>() {
-            Some(all) => all.list.insert(0, decision),
+            Some(all) => {
+                all.list.insert(0, decision);
+                all.rejected |= rejected;
+            }
             None => {
                 let mut list = SmallVec::new();
                 list.push(decision);
-                extensions.insert(Self { list });
+                extensions.insert(Self { list, rejected });
             }
         }
+    }
+
+    /// Whether the response these decisions came with is a layer's rejection: one of the
+    /// layers denied the request and answered it without calling the service (never true for
+    /// a dry-run denial, which lets the request through). The outer layers give their charges
+    /// back for such a response, as nginx charges none of its `limit_req` zones when one
+    /// rejects.
+    pub fn is_rejection(&self) -> bool {
+        self.rejected
+    }
+
+    /// [`is_rejection`](Self::is_rejection) of a response's decisions, if it has any.
+    #[inline]
+    pub(crate) fn rejected_in(extensions: &http::Extensions) -> bool {
+        extensions.get::<Self>().is_some_and(|all| all.rejected)
     }
 }
 

@@ -58,7 +58,7 @@ pin_project! {
             sleep: tokio::time::Sleep,
             pending: Option<(S, Request<ReqBody>, Decision)>,
             tier: usize,
-            charge: Option<Box<Charge>>,
+            charge: Option<Charge>,
         },
         Calling {
             #[pin]
@@ -66,8 +66,9 @@ pin_project! {
             // The decision, its tier, and whether its rate-limit fields go on the response
             // (not for fail-open verdicts); `None` for unlimited requests.
             decision: Option<(Decision, usize, bool)>,
-            // The charge to settle from the response, for a layer that settles charges.
-            charge: Option<Box<Charge>>,
+            // The charge to settle from the response (a refund rule, reconciliation, or an inner
+            // layer's rejection).
+            charge: Option<Charge>,
         },
         // The response is in; its charge is being settled before it is handed on.
         Settling {
@@ -241,7 +242,7 @@ where
                 .then(|| shared.delay_for(entry, &decision, key))
                 .flatten();
             shared.count_pass(entry, outcome, delay);
-            let charge = shared.charge(&decision, fields, key, cost, tier);
+            let charge = shared.charge(&decision, fields, key.clone(), cost, tier);
             Decisions::record_request(req.extensions_mut(), decision.clone());
             if let Some(delay) = delay {
                 return State::Delaying {
@@ -415,7 +416,7 @@ where
                     this.state.set(State::Done);
                     let response = response.map(RateLimitBody::inner);
                     if let Some(charge) = charge
-                        && let Some(delta) = this.shared.settlement(&charge, &response)
+                        && let Some(delta) = this.shared.settlement_of(&charge, &response)
                     {
                         match this.shared.settle(charge, delta, cx) {
                             Settled::Now(after) => settled(&mut decision, after),

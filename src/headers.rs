@@ -22,6 +22,7 @@ use bytes::Bytes;
 use http::header::{Entry, OccupiedEntry};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::Quota;
 use crate::decision::{Decision, Outcome};
 use crate::store::Policy;
 
@@ -119,6 +120,30 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
     secs.min(SF_INTEGER_MAX)
 }
 
+/// A quota's `q` and `w` for `RateLimit-Policy`, whose window is whole seconds: the smallest
+/// whole-second window that holds a whole number of the quota's periods, with `q` scaled to
+/// it, so that `q / w` is the quota's rate exactly (`5/500ms` is `q=10;w=1`, `1/1500ms` is
+/// `q=2;w=3`, `60/m` is `q=60;w=60`). A period that would need a window over a thousand times
+/// its own length (a period of odd microseconds) is rounded up to whole seconds instead.
+fn policy_numbers(quota: &Quota) -> (u64, u64) {
+    const SECOND: u128 = 1_000_000;
+    let limit = u128::from(quota.limit());
+    let period = quota.period().as_micros().max(1);
+    let mut g = (period, SECOND);
+    while g.1 != 0 {
+        g = (g.1, g.0 % g.1);
+    }
+    let (window, q) = (period / g.0, limit * (SECOND / g.0));
+    let rounded = u128::from(ceil_secs(quota.period()).max(1));
+    match (u64::try_from(window), u64::try_from(q)) {
+        (Ok(w), Ok(q)) if u128::from(w) <= rounded * 1000 && q <= SF_INTEGER_MAX => (q, w),
+        _ => (
+            u64::from(quota.limit()).min(SF_INTEGER_MAX),
+            u64::try_from(rounded).unwrap_or(SF_INTEGER_MAX),
+        ),
+    }
+}
+
 /// Precomputed per-policy parts of the fields.
 #[derive(Debug, Clone)]
 pub(crate) struct PolicyFields {
@@ -150,8 +175,7 @@ impl PolicyFields {
             .iter()
             .zip(quotas)
             .map(|(name, quota)| {
-                let w = ceil_secs(quota.period()).max(1);
-                let q = u64::from(quota.limit()).min(SF_INTEGER_MAX);
+                let (q, w) = policy_numbers(quota);
                 format!("{name};q={q};w={w}")
             })
             .collect::<Vec<_>>()
@@ -512,8 +536,26 @@ mod tests {
     }
 
     #[test]
-    fn policy_member_rounds_the_window_up() {
-        let p = Policy::new("fast", "2/500ms".parse::<Quota>().unwrap()).unwrap();
-        assert_eq!(PolicyFields::new(&p).policy_member, "\"fast\";q=2;w=1");
+    fn policy_member_states_the_rate_exactly_in_whole_seconds() {
+        for (quota, member) in [
+            ("2/500ms", "q=4;w=1"),
+            ("5/500ms", "q=10;w=1"),
+            ("1/1500ms", "q=2;w=3"),
+            ("60/m", "q=60;w=60"),
+            ("10/s", "q=10;w=1"),
+            ("3/250ms", "q=12;w=1"),
+            ("7/2h", "q=7;w=7200"),
+        ] {
+            let p = Policy::new("fast", quota.parse::<Quota>().unwrap()).unwrap();
+            assert_eq!(
+                PolicyFields::new(&p).policy_member,
+                format!("\"fast\";{member}"),
+                "{quota}"
+            );
+        }
+        // A period of odd microseconds: rounded up to whole seconds.
+        let odd = Quota::new(1, std::time::Duration::from_micros(1_000_001)).unwrap();
+        let p = Policy::new("odd", odd).unwrap();
+        assert_eq!(PolicyFields::new(&p).policy_member, "\"odd\";q=1;w=2");
     }
 }

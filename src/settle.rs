@@ -28,6 +28,7 @@
 //! |---|---|
 //! | the request is denied (or dry-run denied, or admitted fail-open) | nothing was charged, nothing is settled: a denial is never refunded |
 //! | the response says refund | its whole charge is given back, once |
+//! | an inner layer rejected the request (its response is that layer's rejection: [`Decisions::is_rejection`](crate::Decisions::is_rejection)) | its whole charge is given back, once, by every layer, with or without a refund rule: the request never reached the service |
 //! | the handler reports `ActualCost(n)` | `n` in all: the reservation plus or minus the difference, once |
 //! | the handler panics, the inner service returns an error, the client disconnects or the response future is dropped before the inner service answered | the admission charge stands, as made (there is no response to judge, so nothing is given back) |
 //! | the response future is dropped while the settlement is in flight | it completes anyway, exactly once: a settlement that does not finish at once (Redis) runs as a Tokio task of its own; the memory stores settle synchronously. (Outside a Tokio runtime it runs inside the response future, and dropping that future mid-way leaves it unknown whether it was applied.) |
@@ -121,6 +122,12 @@ pub(crate) struct Charge {
     pub(crate) at: Instant,
     /// The decision's `reset_after`: after that, the charge has fully regenerated.
     pub(crate) reset_after: Duration,
+}
+
+/// The whole charge back (an inner layer rejected the request), unless it has already
+/// regenerated: then it holds nothing, and giving it back would cancel other requests' charges.
+pub(crate) fn give_back(charge: &Charge) -> Option<i64> {
+    (charge.cost > 0 && charge.at.elapsed() < charge.reset_after).then(|| -i64::from(charge.cost))
 }
 
 /// What the response asks of a charge: the signed units to adjust by, if any.

@@ -214,6 +214,9 @@ fn an_unreachable_redis_is_reported_on_stderr_by_default() {
     };
     assert!(stderr.contains("not reachable at startup"), "{stderr}");
     assert!(stderr.contains("WARN"), "{stderr}");
-    assert!(stderr.contains("fp:"), "the failed request's warning: {stderr}");
+    assert!(
+        stderr.contains("fp:"),
+        "the failed request's warning: {stderr}"
+    );
     assert!(!stderr.contains("key-that-must-not-leak"), "{stderr}");
 }

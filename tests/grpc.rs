@@ -370,15 +370,18 @@ async fn a_cost_closure_weights_methods_and_skip_gives_a_method_its_own_policy()
         status.get_details_quota_failure().unwrap().violations[0].subject,
         "policy:check"
     );
-    // Watch is not limited by "check", only by "all": 10 - 4 - 2 - 1 (the denied Check was
-    // charged by "all", which ran first) = 3 left, less than one Watch.
+    // The Check denied by "check" got its charge on "all" back (it never reached the
+    // service): 10 - 4 - 2 = 4 left, one more Watch. Watch is not limited by "check".
+    let watch = client.watch(check(Some("k"))).await.unwrap();
+    assert_eq!(metadata(watch.metadata(), "ratelimit"), "\"all\";r=0;t=360");
+    assert_eq!(all.stats().refunds, 1);
     let status = client.watch(check(Some("k"))).await.unwrap_err();
     assert_eq!(
         status.get_details_quota_failure().unwrap().violations[0].subject,
         "policy:all"
     );
-    // The first Watch skipped "check"; the second never reached it.
-    assert_eq!(checks.stats().unlimited, 1);
+    // The two Watches admitted by "all" skipped "check"; the third never reached it.
+    assert_eq!(checks.stats().unlimited, 2);
 }
 
 #[tokio::test]

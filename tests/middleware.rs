@@ -233,46 +233,89 @@ async fn stacked_layers_all_must_pass_and_a_denial_charges_no_later_layer() {
     assert_eq!(route.stats().allowed, 2);
 }
 
+/// An inner (route) layer that rejects a request makes the outer layers give their charges
+/// back, as nginx charges none of its `limit_req` zones when one rejects: the request never
+/// reached the service. A dry-run denial inside lets the request through and keeps them.
 #[tokio::test]
-async fn inner_route_layer_denies_after_outer_charged() {
-    let store = MemoryStore::new();
-    let global = RateLimitLayer::builder("100/h".parse().unwrap())
-        .store(store.clone())
-        .key(Global)
-        .build()
-        .unwrap();
-    let route = RateLimitLayer::builder("1/h".parse().unwrap())
-        .policy("expensive")
-        .store(store)
-        .key(Global)
-        .build()
-        .unwrap();
-    let app = Router::new()
-        .route("/expensive", get(|| async { "costly" }).route_layer(route))
-        .layer(global);
-    let addr = serve(app).await;
-    let c = client();
-    assert_eq!(
-        c.get(format!("http://{addr}/expensive"))
+async fn an_inner_layers_rejection_gives_the_outer_charge_back() {
+    for dry_run in [false, true] {
+        let store = MemoryStore::new();
+        let global = RateLimitLayer::builder("100/h".parse().unwrap())
+            .store(store.clone())
+            .key(Global)
+            .build()
+            .unwrap();
+        let route = RateLimitLayer::builder("1/h".parse().unwrap())
+            .policy("expensive")
+            .store(store.clone())
+            .key(Global)
+            .dry_run(dry_run)
+            .build()
+            .unwrap();
+        let app = Router::new()
+            .route("/expensive", get(|| async { "costly" }).route_layer(route))
+            .layer(global.clone());
+        let addr = serve(app).await;
+        let c = client();
+        let res = c
+            .get(format!("http://{addr}/expensive"))
             .send()
             .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let res = c
-        .get(format!("http://{addr}/expensive"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 429);
-    assert_eq!(header(&res, "retry-after"), Some("3600"));
-    // Both policies report on the 429, outer first; the Retry-After is the denying layer's.
-    let members = sf_members(header(&res, "ratelimit").unwrap());
-    assert_eq!(members[0].0, "default");
-    assert_eq!(members[0].1[0], ("r".into(), 98));
-    assert_eq!(members[1].0, "expensive");
-    assert_eq!(members[1].1, vec![("r".into(), 0), ("t".into(), 3600)]);
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let res = c
+            .get(format!("http://{addr}/expensive"))
+            .send()
+            .await
+            .unwrap();
+        let global_state = store
+            .check(global.policy(), &Key::from_static("global"), 0)
+            .await
+            .unwrap();
+        let members = sf_members(header(&res, "ratelimit").unwrap());
+        assert_eq!(members[0].0, "default");
+        assert_eq!(members[1].0, "expensive");
+        if dry_run {
+            assert_eq!(
+                res.status(),
+                200,
+                "a dry-run denial lets the request through"
+            );
+            assert_eq!(
+                global_state.remaining(),
+                98,
+                "both requests reached the service"
+            );
+            assert_eq!(global.stats().refunds, 0);
+            continue;
+        }
+        assert_eq!(res.status(), 429);
+        assert_eq!(header(&res, "retry-after"), Some("3600"));
+        // Both policies report on the 429, outer first, the outer one as given back; the
+        // Retry-After is the denying layer's.
+        assert_eq!(members[0].1[0], ("r".into(), 99));
+        assert_eq!(members[1].1, vec![("r".into(), 0), ("t".into(), 3600)]);
+        assert_eq!(
+            global_state.remaining(),
+            99,
+            "only the admitted request is charged"
+        );
+        assert_eq!(global.stats().refunds, 1);
+        // Rejected again and again: the outer policy stays where the one admitted request left it.
+        for _ in 0..5 {
+            let res = c
+                .get(format!("http://{addr}/expensive"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 429);
+        }
+        let global_state = store
+            .check(global.policy(), &Key::from_static("global"), 0)
+            .await
+            .unwrap();
+        assert_eq!(global_state.remaining(), 99);
+    }
 }
 
 #[tokio::test]

@@ -185,3 +185,53 @@ async fn fail_modes_with_redis_killed() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// On Redis too, an inner route layer's rejection gives the outer layer's charge back, in one
+/// more script call made before the 429 is handed on, so the client's next request sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inner_layers_rejection_gives_the_outer_charge_back_on_redis() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder(&server.url())
+        .command_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let global = RateLimitLayer::builder("100/h".parse::<Quota>().unwrap())
+        .key(Global)
+        .store(store.clone())
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    let route = RateLimitLayer::builder("1/h".parse::<Quota>().unwrap())
+        .policy("expensive")
+        .key(Global)
+        .store(store.clone())
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    let addr = serve(
+        Router::new()
+            .route("/expensive", get(|| async { "costly" }).route_layer(route))
+            .layer(global.clone()),
+    )
+    .await;
+    let c = client();
+    let url = format!("http://{addr}/expensive");
+    assert_eq!(c.get(&url).send().await.unwrap().status(), StatusCode::OK);
+    for _ in 0..5 {
+        let res = c.get(&url).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        let fields = res.headers()["ratelimit"].to_str().unwrap().to_owned();
+        assert!(fields.starts_with("\"default\";r=99;"), "{fields}");
+    }
+    let state = store
+        .inspect(global.policy(), &tollgate::Key::from_static("global"))
+        .await
+        .unwrap();
+    assert_eq!(
+        state.remaining(),
+        99,
+        "only the admitted request is charged"
+    );
+    assert_eq!(global.stats().refunds, 5);
+}
