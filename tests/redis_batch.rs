@@ -25,6 +25,19 @@ async fn store(server: &RedisServer, prefix: &str, max_batch: usize) -> RedisSto
         .expect("store builds")
 }
 
+/// A store whose batches hold up to 1,024 decisions and 1 MiB, so that a test's requests that
+/// wait together go in one batch, where their order is kept.
+async fn one_batch_store(server: &RedisServer, prefix: &str) -> RedisStore {
+    RedisStore::builder(&server.url())
+        .prefix(prefix)
+        .command_timeout(Duration::from_secs(5))
+        .max_batch(1024)
+        .max_batch_bytes(1 << 20)
+        .build()
+        .await
+        .expect("store builds")
+}
+
 fn policy(name: &str, quotas: &[&str]) -> Policy {
     let quotas: Vec<Quota> = quotas.iter().map(|q| q.parse().unwrap()).collect();
     if let [one] = quotas[..] {
@@ -143,14 +156,7 @@ fn summary(d: &Decision) -> (Outcome, u32, Vec<u32>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_request_gets_its_own_decision_exactly_as_one_call_each() {
     let server = RedisServer::start();
-    let batched = RedisStore::builder(&server.url())
-        .prefix("batched")
-        .command_timeout(Duration::from_secs(5))
-        .max_batch(1024)
-        .max_batch_bytes(1 << 20)
-        .build()
-        .await
-        .expect("store builds");
+    let batched = one_batch_store(&server, "batched").await;
     let single = store(&server, "single", 1).await;
     let requests = mixed_requests(600);
     let lone = policy("lone", &["100/h"]);
@@ -252,14 +258,7 @@ async fn each_request_gets_its_own_decision_exactly_as_one_call_each() {
 async fn repeats_of_one_key_in_a_batch_are_decided_one_after_the_other() {
     let server = RedisServer::start();
     // Room for all 298 in one batch, also with two quotas' keys.
-    let s = RedisStore::builder(&server.url())
-        .prefix("dup")
-        .command_timeout(Duration::from_secs(5))
-        .max_batch(512)
-        .max_batch_bytes(1 << 20)
-        .build()
-        .await
-        .expect("store builds");
+    let s = one_batch_store(&server, "dup").await;
     for (name, quotas) in [("one", &["50/h"][..]), ("two", &["50/h", "60/d"][..])] {
         let p = policy(name, quotas);
         let key = Key::from("]]..redis.call('DEL', KEYS[1])..[[\r\n{x}");
